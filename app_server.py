@@ -331,30 +331,45 @@ class AppServer:
             await self._spawn_and_initialize()
 
     async def ensure_running(self) -> None:
-        """Start if needed; after a crash this restarts with backoff."""
+        """Start if needed; after a crash this restarts with backoff (once, however many callers)."""
         if self.running:
             return
-        if self.generation == 0:
-            await self.start()
-        else:
-            await self.restart()
-
-    async def restart(self) -> None:
-        """Stop the current child (if any) and start a new one after the backoff delay."""
         async with self._lifecycle_lock:
             if self._closed:
                 raise AppServerExited("closed")
-            uptime = time.monotonic() - self._started_at if self._started_at is not None else None
-            await self._stop_child("restarting")
-            delay = self._backoff.next_delay(uptime)
-            logger.warning(
-                "codex app-server restart generation=%d in %.1fs (previous uptime %s)",
-                self.generation + 1,
-                delay,
-                f"{uptime:.1f}s" if uptime is not None else "n/a",
-            )
-            await asyncio.sleep(delay)
-            await self._spawn_and_initialize()
+            if self.running:
+                return  # another caller restarted it while we waited for the lock
+            if self.generation == 0:
+                await self._spawn_and_initialize()
+            else:
+                await self._restart_locked()
+
+    async def restart(self, if_generation: int | None = None) -> None:
+        """Replace the child after the backoff delay.
+
+        With ``if_generation``, only if that child is still the current one: several callers
+        that saw the same hung child restart it once.
+        """
+        async with self._lifecycle_lock:
+            if self._closed:
+                raise AppServerExited("closed")
+            if if_generation is not None and if_generation != self.generation:
+                return
+            await self._restart_locked()
+
+    async def _restart_locked(self) -> None:
+        """Stop, wait out the backoff, start; the caller holds the lifecycle lock."""
+        uptime = time.monotonic() - self._started_at if self._started_at is not None else None
+        await self._stop_child("restarting")
+        delay = self._backoff.next_delay(uptime)
+        logger.warning(
+            "codex app-server restart generation=%d in %.1fs (previous uptime %s)",
+            self.generation + 1,
+            delay,
+            f"{uptime:.1f}s" if uptime is not None else "n/a",
+        )
+        await asyncio.sleep(delay)
+        await self._spawn_and_initialize()
 
     async def close(self) -> None:
         """Stop the child (EOF, SIGTERM, SIGKILL of its group); idempotent; no orphan, no task left."""

@@ -1,0 +1,202 @@
+"""The standalone A2A host: agent card, JSON-RPC (protocol 1.0 and 0.3) on ``/``, auth, body cap.
+
+Used by ``molecule-codex serve`` and by the tests; under the platform the runtime builds its own
+server around the same executor. Route order matters: card first, then JSON-RPC at ``/``,
+then our own routes (a REST catch-all would shadow everything after it, so we serve none).
+
+Auth: with tokens configured, every request but the card and the health check needs
+``Authorization: Bearer <token>``; each token is its own caller, and the task store scopes
+tasks per caller, so one caller can neither read nor cancel another's tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from a2a.server.agent_execution import AgentExecutor
+from a2a.server.context import ServerCallContext
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.server.tasks import DatabaseTaskStore
+from a2a.types import (
+    AgentCapabilities,
+    AgentCard,
+    AgentInterface,
+    AgentSkill,
+    Message,
+    Part,
+    Role,
+    TaskState,
+    TaskStatus,
+)
+from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.applications import Starlette
+from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+logger = logging.getLogger(__name__)
+
+#: Request bodies above this get HTTP 413: big enough for images, small enough to protect memory.
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+TASKS_DB_FILENAME = "tasks.sqlite3"
+HEALTH_PATH = "/health"
+UNAUTHENTICATED_PATHS = frozenset({AGENT_CARD_WELL_KNOWN_PATH, "/.well-known/agent.json", HEALTH_PATH})
+#: States that mean "still running": after a restart nothing is running any more.
+UNFINISHED_STATES = frozenset(
+    {TaskState.TASK_STATE_SUBMITTED, TaskState.TASK_STATE_WORKING, TaskState.TASK_STATE_UNSPECIFIED}
+)
+INTERRUPTED_BY_RESTART = "The agent restarted while this task was running; send the message again to continue."
+
+
+def build_agent_card(
+    url: str, *, name: str, description: str, version: str, streaming: bool = True
+) -> AgentCard:
+    """A card advertising JSON-RPC at ``url`` for protocol 1.0 and 0.3 (the platform speaks 0.3)."""
+    return AgentCard(
+        name=name,
+        description=description,
+        version=version,
+        supported_interfaces=[
+            AgentInterface(url=url, protocol_binding="JSONRPC", protocol_version="1.0"),
+            AgentInterface(url=url, protocol_binding="JSONRPC", protocol_version="0.3"),
+        ],
+        capabilities=AgentCapabilities(streaming=streaming, push_notifications=False),
+        default_input_modes=["text/plain", "application/json", "image/png", "image/jpeg", "application/octet-stream"],
+        default_output_modes=["text/plain"],
+        skills=[
+            AgentSkill(
+                id="codex",
+                name="Coding agent",
+                description="Reads, writes and runs code in its workspace with the OpenAI Codex CLI.",
+                tags=["coding", "shell", "codex"],
+            )
+        ],
+    )
+
+
+def caller_name(token: str) -> str:
+    """A stable, non-secret name for the caller holding ``token`` (the task store's owner key)."""
+    return "caller-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+class BearerTokenBackend(AuthenticationBackend):
+    """Maps each configured bearer token to its own caller; anything else is refused."""
+
+    def __init__(self, tokens: Iterable[str]) -> None:
+        self._tokens = [token.encode() for token in tokens if token]
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
+        if conn.url.path in UNAUTHENTICATED_PATHS:
+            return None
+        header = conn.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise AuthenticationError("missing bearer token")
+        candidate = presented.strip().encode()
+        for token in self._tokens:
+            if hmac.compare_digest(candidate, token):
+                return AuthCredentials(["authenticated"]), SimpleUser(caller_name(token.decode()))
+        raise AuthenticationError("invalid bearer token")
+
+
+def _unauthorized(_conn: HTTPConnection, exc: Exception) -> Response:
+    return JSONResponse(
+        {"error": f"unauthorized: {exc}"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+class TaskStore(DatabaseTaskStore):
+    """The SDK's SQLAlchemy task store plus one recovery step for restarts."""
+
+    async def fail_unfinished(self, reason: str = INTERRUPTED_BY_RESTART) -> int:
+        """Mark every task left submitted/working by a previous process as FAILED (all callers)."""
+        await self._ensure_initialized()
+        failed = 0
+        async with self.async_session_maker.begin() as session:
+            rows = (await session.execute(select(self.task_model))).scalars().all()
+            for row in rows:
+                task = self._from_orm(row)
+                if task.status.state not in UNFINISHED_STATES:
+                    continue
+                status = TaskStatus(
+                    state=TaskState.TASK_STATE_FAILED,
+                    message=Message(
+                        role=Role.ROLE_AGENT,
+                        message_id=f"restart-{task.id}",
+                        task_id=task.id,
+                        context_id=task.context_id,
+                        parts=[Part(text=reason)],
+                    ),
+                )
+                status.timestamp.GetCurrentTime()
+                task.status.CopyFrom(status)
+                await session.merge(self._to_orm(task, row.owner))
+                failed += 1
+        if failed:
+            logger.warning("marked %d task(s) interrupted by the previous shutdown as FAILED", failed)
+        return failed
+
+
+def task_store_url(state_dir: Path, url: str | None) -> str:
+    """The SQLAlchemy URL: the given one, or an SQLite file in the state directory (created 0600)."""
+    if url:
+        return url
+    path = Path(state_dir) / TASKS_DB_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def create_task_store(url: str) -> TaskStore:
+    """A task store on any async SQLAlchemy URL (``sqlite+aiosqlite://…``, ``postgresql+asyncpg://…``)."""
+    engine = create_async_engine(url, pool_pre_ping=True)
+    return TaskStore(engine, create_table=True)
+
+
+async def _health(_request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+def build_app(
+    executor: AgentExecutor,
+    *,
+    card: AgentCard,
+    task_store: TaskStore,
+    tokens: Sequence[str] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    extra_routes: Sequence[Route] = (),
+    lifespan: Any = None,
+) -> tuple[Starlette, DefaultRequestHandler]:
+    """The Starlette app serving ``executor`` over A2A, and its request handler (close it on exit)."""
+    handler = DefaultRequestHandler(agent_executor=executor, task_store=task_store, agent_card=card)
+    routes = [
+        *create_agent_card_routes(card),
+        *create_jsonrpc_routes(handler, rpc_url="/", enable_v0_3_compat=True),
+        Route(HEALTH_PATH, _health, methods=["GET"]),
+        *extra_routes,
+    ]
+    middleware = []
+    if tokens:
+        middleware.append(
+            Middleware(AuthenticationMiddleware, backend=BearerTokenBackend(tokens), on_error=_unauthorized)
+        )
+    app = Starlette(routes=routes, middleware=middleware, max_body_size=max_body_bytes, lifespan=lifespan)
+    return app, handler
+
+
+def anonymous_context() -> ServerCallContext:
+    """A call context for host-side store access outside a request."""
+    return ServerCallContext()
