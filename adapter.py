@@ -288,6 +288,9 @@ class CodexAdapter(BaseAdapter):
         instructions = await runtime_seam.build_system_prompt(self, config) if runtime_seam.RUNTIME_AVAILABLE else None
         if not instructions and config.prompt_files:
             instructions = runtime_seam.read_prompt_files(config.config_path, list(config.prompt_files)) or None
+        extra = prepared.settings.developer_instructions
+        if extra:
+            instructions = f"{instructions}\n\n{extra}" if instructions else extra
         keep = {name for name in (prepared.provider.entry.env_key if prepared.provider.entry else None,) if name}
         app_env = child_env(env, keep)
         app_env.update(prepared.provider.child_env_additions)

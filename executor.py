@@ -648,6 +648,8 @@ class CodexExecutor(AgentExecutor):
     # ------------------------------------------------------------------ idle unload
 
     def _ensure_sweeper(self) -> None:
+        if self.options.idle_unload_after <= 0:
+            return  # 0 means "never unload"
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle(), name="idle-sweeper")
 
