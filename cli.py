@@ -36,7 +36,6 @@ DEFAULT_PORT = 8000
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 #: uvicorn's wait for open connections once turns were interrupted (they end within ~1 s).
 GRACEFUL_HTTP_SHUTDOWN_S = 3
-SERVER_START_TIMEOUT_S = 30.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -155,7 +154,7 @@ class _Server(uvicorn.Server):
 async def serving(args: argparse.Namespace, *, env: dict[str, str] | None = None) -> AsyncIterator[Running]:
     """Preflight, build and start the whole stack on ``args.host:args.port``; stop it on exit."""
     from adapter import CodexAdapter, HostOptions  # import late: --version must not need the stack
-    from host import build_agent_card, build_app, create_task_store, task_store_url
+    from host import build_agent_card, build_app, create_task_store, running_server, task_store_url
 
     env = dict(os.environ if env is None else env)
     state_dir = (args.state_dir or default_state_dir(env)).expanduser().resolve()
@@ -186,26 +185,13 @@ async def serving(args: argparse.Namespace, *, env: dict[str, str] | None = None
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="off",
                                timeout_graceful_shutdown=GRACEFUL_HTTP_SHUTDOWN_S)
     server = _Server(uv_config, adapter)
-    task = asyncio.create_task(server.serve())
     try:
-        async with asyncio.timeout(SERVER_START_TIMEOUT_S):
-            while not server.started:
-                if task.done():
-                    task.result()
-                    raise RuntimeError("the HTTP server stopped during start-up")
-                await asyncio.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        url = f"http://{public_host}:{port}/"
-        for interface in card.supported_interfaces:
-            interface.url = url
-        logger.info("serving A2A on %s (codex thread per conversation; state in %s)", url, state_dir)
-        yield Running(url, adapter, server, task)
+        async with running_server(server, card, public_host) as (url, task):
+            logger.info("serving A2A on %s (codex thread per conversation; state in %s)", url, state_dir)
+            yield Running(url, adapter, server, task)
+            if not task.done():
+                await adapter.shutdown("the agent is shutting down")
     finally:
-        if not task.done():
-            await adapter.shutdown("the agent is shutting down")
-            server.should_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, GRACEFUL_HTTP_SHUTDOWN_S + 2)
         await adapter.shutdown("the agent is shutting down")
         await handler.aclose()
         await store.engine.dispose()

@@ -11,14 +11,17 @@ tasks per caller, so one caller can neither read nor cancel another's tasks.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from a2a.server.agent_execution import AgentExecutor
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers import DefaultRequestHandler
@@ -48,6 +51,10 @@ from starlette.routing import Route
 
 logger = logging.getLogger(__name__)
 
+#: uvicorn binds in milliseconds; this bound only catches a port that never opens.
+SERVER_START_TIMEOUT_S = 30.0
+#: How long a stopping uvicorn may take once it was told to exit.
+SERVER_STOP_TIMEOUT_S = 10.0
 #: Request bodies above this get HTTP 413: big enough for images, small enough to protect memory.
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 TASKS_DB_FILENAME = "tasks.sqlite3"
@@ -200,3 +207,32 @@ def build_app(
 def anonymous_context() -> ServerCallContext:
     """A call context for host-side store access outside a request."""
     return ServerCallContext()
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    server: uvicorn.Server, card: AgentCard, public_host: str
+) -> AsyncIterator[tuple[str, asyncio.Task[None]]]:
+    """Serve until the block ends; yields the URL (the card points at it) and uvicorn's task.
+
+    The server may bind port 0: the real port is read once uvicorn is listening. Leaving the
+    block stops the server; await the task inside the block to serve until a signal instead.
+    """
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(SERVER_START_TIMEOUT_S):
+            while not server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("the HTTP server stopped during start-up")
+                await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://{public_host}:{port}/"
+        for interface in card.supported_interfaces:
+            interface.url = url
+        yield url, task
+    finally:
+        if not task.done():
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, SERVER_STOP_TIMEOUT_S)

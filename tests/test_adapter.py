@@ -19,7 +19,7 @@ from fake_runtime import use_fake_runtime, without_runtime
 import adapter as adapter_module
 import settings
 from adapter import Adapter, CodexAdapter, HostOptions
-from host import build_agent_card, build_app, create_task_store, task_store_url
+from host import build_agent_card, build_app, create_task_store, running_server, task_store_url
 from scripted_model import SCRIPTED_API_KEY_ENV, ScriptedModel, Text, ToolCall
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -98,20 +98,11 @@ async def serve_adapter(adapter: CodexAdapter, config_yaml: Path, state_dir: Pat
     card = build_agent_card("http://127.0.0.1:0/", name="codex-test", description="test", version="0")
     app, handler = build_app(executor, card=card, task_store=store)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
     try:
-        async with asyncio.timeout(15):
-            while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag only
-                await asyncio.sleep(0.01)
-        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/"
-        for interface in card.supported_interfaces:
-            interface.url = url
-        yield url
+        async with running_server(server, card, "127.0.0.1") as (url, _task):
+            yield url
     finally:
         await adapter.shutdown()
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 10)
         await handler.aclose()
         await store.engine.dispose()
 
