@@ -351,12 +351,13 @@ def _render_block(entries: Sequence[tuple[KeyPath, Any]]) -> list[str]:
     return [BLOCK_BEGIN + "\n", *body, BLOCK_END + "\n"]
 
 
-def _place(operator_text: str, leaves: Sequence[tuple[KeyPath, Any]]) -> str:
+def _place(operator_text: str, operator: Mapping[str, Any], leaves: Sequence[tuple[KeyPath, Any]]) -> str:
     """Operator text plus our leaves: top block for most, blocks under the operator's headers otherwise."""
     lines = operator_text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"
-    headers = _header_lines(lines)
+    # A header-looking line inside a multi-line string names no table the operator has.
+    headers = {path: index for path, index in _header_lines(lines).items() if _lookup(operator, path)[0]}
     top: list[tuple[KeyPath, Any]] = []
     under: dict[int, list[tuple[KeyPath, Any]]] = {}
     for path, value in leaves:
@@ -420,7 +421,7 @@ def render_config_toml(
             continue
         leaves.extend((path, value) for path, value in unit.leaves if not _operator_defines(operator, path))
 
-    text = _place(operator_text, leaves)
+    text = _place(operator_text, operator, leaves)
     wrong = _misplaced(text, leaves)
     if wrong:
         # The operator defined one of our tables in a form we can't extend (e.g. an inline table):
@@ -433,7 +434,7 @@ def render_config_toml(
             ", ".join(_dotted(path) for path in dropped),
         )
         leaves = [(path, value) for path, value in leaves if path[0] not in owned]
-        text = _place(operator_text, leaves)
+        text = _place(operator_text, operator, leaves)
         if _misplaced(text, leaves):
             raise CodexConfigError("cannot merge molecule-codex settings into the existing config.toml")
     return text

@@ -24,8 +24,8 @@ Resolution order for ``provider`` (first match wins)::
     auto              OPENAI_API_KEY set                             openai  (key -> auth.json)
     auto              auth.json holds an API key                      openai
     auto              none of the above                              ProviderError (how to fix)
-    chatgpt           CODEX_AUTH_JSON set or ChatGPT auth.json        chatgpt, else ProviderError
-    openai            OPENAI_API_KEY set or API-key auth.json         openai, else ProviderError
+    chatgpt           the same ChatGPT sources, in that order         chatgpt, else ProviderError
+    openai            the same API-key sources, in that order         openai, else ProviderError
     <custom name>     entry's env_key set (or entry has no env_key)   custom, else ProviderError
     anything else                                                    ProviderError listing names
 
@@ -110,10 +110,10 @@ class ProviderEntry:
     base_url: str
     env_key: str | None = None
     wire_api: str = WIRE_API_RESPONSES
-    query_params: Mapping[str, str] = field(default_factory=dict)
-    http_headers: Mapping[str, str] = field(default_factory=dict)
+    query_params: Mapping[str, str] = field(default_factory=dict, hash=False)
+    http_headers: Mapping[str, str] = field(default_factory=dict, hash=False)
     #: header name -> env var name, so header secrets stay out of config files.
-    env_http_headers: Mapping[str, str] = field(default_factory=dict)
+    env_http_headers: Mapping[str, str] = field(default_factory=dict, hash=False)
     request_max_retries: int = DEFAULT_REQUEST_MAX_RETRIES
     stream_max_retries: int = DEFAULT_STREAM_MAX_RETRIES
     stream_idle_timeout_ms: int | None = None
@@ -201,7 +201,7 @@ class ResolvedProvider:
     credential_env_names: tuple[str, ...] = ()
     #: Extra env for the app-server child. Empty today: codex reads everything it needs from
     #: auth.json or the (already inherited) env_key variable.
-    child_env_additions: Mapping[str, str] = field(default_factory=dict)
+    child_env_additions: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @property
     def writes_model_provider(self) -> bool:
@@ -269,6 +269,11 @@ def _how_to_fix(known: list[str]) -> str:
     )
 
 
+def _first_source(*candidates: tuple[bool, str]) -> str | None:
+    """The name of the first available credential source, in priority order."""
+    return next((name for available, name in candidates if available), None)
+
+
 def known_provider_names(providers: Mapping[str, ProviderEntry]) -> list[str]:
     """Built-in mode names followed by custom entry names."""
     return [*BUILTIN_PROVIDERS, *sorted(providers)]
@@ -283,37 +288,33 @@ def resolve_provider(settings: Settings, env: Mapping[str, str], codex_home: Pat
     providers = settings.providers
     known = known_provider_names(providers)
     on_disk = auth_json_kind(codex_home)
-    seed = _present(env, AUTH_JSON_ENV)
-    if seed and requested in (AUTO, CHATGPT):
-        _parse_seed(env[AUTH_JSON_ENV])  # fail at setup, clearly, on a mangled secret
-
-    chatgpt = ResolvedProvider(
-        name=CHATGPT,
-        kind="chatgpt",
-        credential_env_names=(AUTH_JSON_ENV,) if seed else (AUTH_JSON_NAME,),
+    # The seed is parsed only when it could be used: fail at setup, clearly, on a mangled secret.
+    has_key = _present(env, API_KEY_ENV)
+    seed: AuthJsonKind | None = None
+    if _present(env, AUTH_JSON_ENV) and (requested in (AUTO, CHATGPT) or (requested == OPENAI and not has_key)):
+        seed = _classify_auth(_parse_seed(env[AUTH_JSON_ENV]))
+    chatgpt_source = _first_source((seed == "chatgpt", AUTH_JSON_ENV), (on_disk == "chatgpt", AUTH_JSON_NAME))
+    api_key_source = _first_source(
+        (has_key, API_KEY_ENV), (seed == "apikey", AUTH_JSON_ENV), (on_disk == "apikey", AUTH_JSON_NAME)
     )
     if requested == AUTO:
-        if seed or on_disk == "chatgpt":
-            return chatgpt
-        if _present(env, API_KEY_ENV):
-            return ResolvedProvider(name=OPENAI, kind="openai", credential_env_names=(API_KEY_ENV,))
-        if on_disk == "apikey":
-            return ResolvedProvider(name=OPENAI, kind="openai", credential_env_names=(AUTH_JSON_NAME,))
+        if chatgpt_source:
+            return ResolvedProvider(name=CHATGPT, kind="chatgpt", credential_env_names=(chatgpt_source,))
+        if api_key_source:
+            return ResolvedProvider(name=OPENAI, kind="openai", credential_env_names=(api_key_source,))
         invalid = " (the auth.json in CODEX_HOME is unreadable or not a codex login)" if on_disk else ""
         raise ProviderError(f"no codex credential found{invalid}: {_how_to_fix(known)}")
     if requested == CHATGPT:
-        if seed or on_disk == "chatgpt":
-            return chatgpt
+        if chatgpt_source:
+            return ResolvedProvider(name=CHATGPT, kind="chatgpt", credential_env_names=(chatgpt_source,))
         raise ProviderError(
             f"provider 'chatgpt' needs a ChatGPT login: set {AUTH_JSON_ENV} to the contents of the "
             "auth.json written by `codex login` (deliver it via /configs/secrets.d/load.sh), or place "
             "that auth.json in CODEX_HOME"
         )
     if requested == OPENAI:
-        if _present(env, API_KEY_ENV):
-            return ResolvedProvider(name=OPENAI, kind="openai", credential_env_names=(API_KEY_ENV,))
-        if on_disk == "apikey":
-            return ResolvedProvider(name=OPENAI, kind="openai", credential_env_names=(AUTH_JSON_NAME,))
+        if api_key_source:
+            return ResolvedProvider(name=OPENAI, kind="openai", credential_env_names=(api_key_source,))
         raise ProviderError(f"provider 'openai' needs an API key: set {API_KEY_ENV} in the workspace secrets")
     entry = providers.get(requested)
     if entry is None:
@@ -444,11 +445,13 @@ def write_api_key_auth(codex_home: Path, api_key: str) -> bool:
 
 def install_credentials(provider: ResolvedProvider, env: Mapping[str, str], codex_home: Path) -> bool:
     """Put the resolved provider's credential where codex reads it; True when auth.json changed."""
-    if provider.kind == "chatgpt" and _present(env, AUTH_JSON_ENV):
+    if provider.kind == "custom":
+        return False  # codex reads the key from the entry's env_key variable
+    if AUTH_JSON_ENV in provider.credential_env_names and _present(env, AUTH_JSON_ENV):
         return write_auth_json(codex_home, env[AUTH_JSON_ENV])
-    if provider.kind == "openai" and _present(env, API_KEY_ENV):
+    if API_KEY_ENV in provider.credential_env_names and _present(env, API_KEY_ENV):
         return write_api_key_auth(codex_home, env[API_KEY_ENV])
-    return False  # auth.json already in place, or a custom provider reading its env_key
+    return False  # the auth.json already in CODEX_HOME is the credential
 
 
 def _tighten_mode(path: Path) -> None:

@@ -180,7 +180,7 @@ _KEYS: dict[str, KeySpec] = {
             "reasoning_effort",
             "string",
             None,
-            "model_reasoning_effort for codex; unset uses the model's default. Each model supports a "
+            "model_reasoning_effort for codex; unset (or 'none') uses the model's default. Each model supports a "
             "subset (the pinned catalog lists low..ultra).",
             choices=REASONING_EFFORTS,
             nullable=True,
@@ -307,7 +307,7 @@ class Settings:
     max_concurrent_turns: int = DEFAULT_MAX_CONCURRENT_TURNS
     idle_unload_after: float = DEFAULT_IDLE_UNLOAD_AFTER_S
     models: tuple[ModelChoice, ...] = ()
-    providers: Mapping[str, ProviderEntry] = field(default_factory=dict)
+    providers: Mapping[str, ProviderEntry] = field(default_factory=dict, hash=False)
     prompt_files: tuple[str, ...] = ()
     developer_instructions: str | None = None
 
