@@ -290,6 +290,7 @@ class AppServer:
         self._exit: AppServerExited | None = AppServerExited("not started")
         self._started_at: float | None = None
         self._closed = False
+        self._stopping: set[int] = set()  # pids we are stopping on purpose
         self.generation = 0
         self.init_result: Mapping[str, Any] = {}
 
@@ -434,6 +435,7 @@ class AppServer:
         proc = self._proc
         if proc is None:
             return
+        self._stopping.add(proc.pid)
         descendants = _descendants(proc.pid)
         if proc.returncode is None:
             if proc.stdin is not None and not proc.stdin.is_closing():
@@ -455,6 +457,7 @@ class AppServer:
         self._child_tasks = []
         if proc.stdin is not None:
             proc.stdin.close()
+        self._stopping.discard(proc.pid)
         if proc.returncode is not None:
             logger.info("codex app-server pid=%d stopped (%s) rc=%s", proc.pid, reason, proc.returncode)
 
@@ -671,8 +674,8 @@ class AppServer:
         await self._on_channel_closed(proc, "exited")
 
     async def _on_channel_closed(self, proc: asyncio.subprocess.Process, reason: str) -> None:
-        if proc is not self._proc or self._exit is not None:
-            return
+        if proc is not self._proc or self._exit is not None or proc.pid in self._stopping:
+            return  # not current, already handled, or a stop we asked for (_stop_child reports it)
         if proc.returncode is None:
             await _wait_exit(proc, EXIT_CODE_GRACE_S)
         if proc is not self._proc or self._exit is not None:

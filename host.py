@@ -39,7 +39,7 @@ from a2a.types import (
     TaskStatus,
 )
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
@@ -167,9 +167,25 @@ def task_store_url(state_dir: Path, url: str | None) -> str:
     return f"sqlite+aiosqlite:///{path}"
 
 
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL + synchronous=NORMAL: a commit per task event stays cheap and survives a process crash."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
 def create_task_store(url: str) -> TaskStore:
-    """A task store on any async SQLAlchemy URL (``sqlite+aiosqlite://…``, ``postgresql+asyncpg://…``)."""
-    engine = create_async_engine(url, pool_pre_ping=True)
+    """A task store on any async SQLAlchemy URL (``sqlite+aiosqlite://…``, ``postgresql+asyncpg://…``).
+
+    The SDK commits once per task event; on SQLite that cost is most of our per-turn overhead
+    with the default rollback journal, so file databases run in WAL mode.
+    """
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_async_engine(url, pool_pre_ping=True)
     return TaskStore(engine, create_table=True)
 
 
