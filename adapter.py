@@ -29,7 +29,7 @@ from typing import Any
 import codex_config
 import providers
 import runtime_seam
-from app_server import AppServer
+from app_server import AppServer, AppServerExited
 from codex_binary import CodexBinary, CodexBinaryError, resolve_codex_binary
 from conversations import ConversationStore
 from executor import CodexExecutor, ExecutorOptions
@@ -56,6 +56,7 @@ ENDPOINT_PROVIDER = "endpoint"
 #: Env vars that never reach the app-server (and so never any shell it starts): platform tokens
 #: and seeds already written to auth.json. The provider's own key variable is kept.
 _SECRET_ENV = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|AUTH_JSON|_KEY$|API_KEY)", re.IGNORECASE)
+CONFIG_FIX = "fix or remove the unknown key outside the managed block of $CODEX_HOME/config.toml"
 #: Hooks into the platform heartbeat must never hold up a turn.
 HOOK_TIMEOUT_S = 5.0
 
@@ -196,12 +197,18 @@ class CodexAdapter(BaseAdapter):
 
     # ------------------------------------------------------------------ preflight and setup
 
-    async def preflight(self, config: AdapterConfig) -> PreflightReport:
-        """Run every boot check without side effects outside probe files; never raises."""
-        report = PreflightReport()
-        return await asyncio.to_thread(self._preflight_sync, config, report)
+    async def preflight(self, config: AdapterConfig, *, validate_config: bool = True) -> PreflightReport:
+        """Run every boot check without side effects outside probe files; never raises.
 
-    def _preflight_sync(self, config: AdapterConfig, report: PreflightReport) -> PreflightReport:
+        ``validate_config=False`` leaves the config.toml check to the app-server start, which
+        runs with ``--strict-config`` (one codex spawn less on the boot path).
+        """
+        report = PreflightReport()
+        return await asyncio.to_thread(self._preflight_sync, config, report, validate_config)
+
+    def _preflight_sync(
+        self, config: AdapterConfig, report: PreflightReport, validate_config: bool
+    ) -> PreflightReport:
         env = self._env
         binary: CodexBinary | None = None
         try:
@@ -234,7 +241,8 @@ class CodexAdapter(BaseAdapter):
         if binary is None or not writable:
             return report
         prepared = _Prepared(binary, settings, provider, codex_home, workspace, state_dir)
-        report.run("config.toml", lambda: self._check_config(prepared), "fix the operator part of config.toml")
+        if validate_config:
+            report.run("config.toml", lambda: self._check_config(prepared), CONFIG_FIX)
 
         def sandbox_check() -> str:
             prepared.sandbox, detail = resolve_sandbox(
@@ -274,7 +282,7 @@ class CodexAdapter(BaseAdapter):
     async def setup(self, config: AdapterConfig) -> None:
         """Preflight (raise with every failure), write auth and config, start codex warm."""
         self._heartbeat = config.heartbeat
-        report = await self.preflight(config)
+        report = await self.preflight(config, validate_config=False)
         for result in report.results:
             logger.info("preflight %s: %s %s", "PASS" if result.ok else "FAIL", result.name, result.detail)
         report.raise_for_failures()
@@ -300,10 +308,16 @@ class CodexAdapter(BaseAdapter):
             binary=prepared.binary,
             env=app_env,
             policy=ServerRequestPolicy(approval_policy=prepared.settings.approval_policy),
+            strict_config=True,
         )
         self._store = ConversationStore(prepared.state_dir)
         self._options = self._executor_options(prepared, instructions)
-        await self._app.start()
+        try:
+            await self._app.start()
+        except AppServerExited as exc:
+            detail = codex_config.config_error_text(exc.stderr_tail) or str(exc)
+            raise PreflightError(f"molecule-codex preflight failed: config.toml: codex rejects it: {detail} "
+                                 f"Fix: {CONFIG_FIX}") from None
         logger.info(
             "codex ready: model=%s provider=%s sandbox=%s workspace=%s state=%s",
             prepared.settings.model, prepared.provider.name, prepared.sandbox, prepared.workspace, prepared.state_dir,

@@ -262,6 +262,7 @@ class AppServer:
         start_timeout: float = START_TIMEOUT_S,
         server_request_deadline: float = SERVER_REQUEST_DEADLINE_S,
         backoff: RestartBackoff | None = None,
+        strict_config: bool = False,
     ) -> None:
         self.codex_home = Path(codex_home)
         self.cwd = Path(cwd) if cwd else None
@@ -273,6 +274,8 @@ class AppServer:
         self._start_timeout = start_timeout
         self._server_request_deadline = server_request_deadline
         self._backoff = backoff or RestartBackoff()
+        #: --strict-config: codex refuses unknown config.toml keys and exits before initialize.
+        self._strict_config = strict_config
 
         self._proc: asyncio.subprocess.Process | None = None
         self._ids = itertools.count(1)
@@ -316,6 +319,8 @@ class AppServer:
     def command(self) -> list[str]:
         """argv for the child: native binary, stdio transport, our overrides."""
         argv = [str(self.binary.path), "app-server", "--listen", "stdio://"]
+        if self._strict_config:
+            argv.append("--strict-config")
         for feature in DISABLED_FEATURES:
             argv += ["--disable", feature]
         for override in self._config_overrides:

@@ -465,7 +465,7 @@ def read_config_toml(codex_home: Path) -> str | None:
 # ----------------------------------------------------------------------------- validation
 
 
-def _config_error_text(stderr: str) -> str:
+def config_error_text(stderr: str) -> str:
     """Codex's own error message without log noise or a backtrace."""
     lines = []
     for line in stderr.splitlines():
@@ -509,4 +509,4 @@ def validate_config(binary: CodexBinary, codex_home: Path, env: Mapping[str, str
         return f"codex app-server --strict-config did not exit within {VALIDATE_TIMEOUT_S:g} s"
     if process.returncode == 0:
         return None
-    return _config_error_text(stderr)
+    return config_error_text(stderr)

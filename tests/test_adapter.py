@@ -208,6 +208,20 @@ async def test_preflight_operator_config_with_unknown_key(tmp_path):
 
 
 @pytest.mark.real_codex
+async def test_setup_refuses_unknown_config_key_through_the_strict_app_server(tmp_path):
+    """setup() leaves the config check to the app-server's own --strict-config start."""
+    home = tmp_path / "codex-home"
+    home.mkdir()
+    (home / "config.toml").write_text('definitely_not_a_codex_key = "x"\n')
+    adapter = make_adapter(tmp_path, base_env(tmp_path, OPENAI_API_KEY=FAKE_KEY))
+    with pytest.raises(RuntimeError) as caught:
+        await adapter.setup(adapter.standalone_config(write_config(tmp_path)))
+    message = str(caught.value)
+    assert "unknown configuration field" in message and "definitely_not_a_codex_key" in message
+    assert FAKE_KEY not in message
+
+
+@pytest.mark.real_codex
 async def test_setup_raises_with_failure_and_no_secret(tmp_path):
     (tmp_path / "afile").write_text("x")
     adapter = make_adapter(tmp_path, base_env(tmp_path, OPENAI_API_KEY=FAKE_KEY), workspace=tmp_path / "afile" / "ws")
