@@ -33,7 +33,8 @@ from app_server import AppServer, AppServerExited
 from codex_binary import CodexBinary, CodexBinaryError, resolve_codex_binary
 from conversations import ConversationStore
 from executor import CodexExecutor, ExecutorOptions
-from preflight import PreflightError, PreflightReport, check_writable_dir, probe_sandbox, resolve_sandbox
+from preflight import PreflightError, PreflightReport, check_writable_dir, resolve_sandbox
+from preflight import probe_sandbox as run_sandbox_probe
 from runtime_seam import AdapterConfig, BaseAdapter, RuntimeCapabilities
 from server_requests import ServerRequestPolicy
 from settings import (
@@ -197,17 +198,19 @@ class CodexAdapter(BaseAdapter):
 
     # ------------------------------------------------------------------ preflight and setup
 
-    async def preflight(self, config: AdapterConfig, *, validate_config: bool = True) -> PreflightReport:
+    async def preflight(
+        self, config: AdapterConfig, *, validate_config: bool = True, probe_sandbox: bool = True
+    ) -> PreflightReport:
         """Run every boot check without side effects outside probe files; never raises.
 
-        ``validate_config=False`` leaves the config.toml check to the app-server start, which
-        runs with ``--strict-config`` (one codex spawn less on the boot path).
+        setup() passes False for both: the app-server start runs with ``--strict-config`` (one
+        codex spawn less) and the sandbox probe runs while the app-server starts.
         """
         report = PreflightReport()
-        return await asyncio.to_thread(self._preflight_sync, config, report, validate_config)
+        return await asyncio.to_thread(self._preflight_sync, config, report, validate_config, probe_sandbox)
 
     def _preflight_sync(
-        self, config: AdapterConfig, report: PreflightReport, validate_config: bool
+        self, config: AdapterConfig, report: PreflightReport, validate_config: bool, probe_sandbox: bool
     ) -> PreflightReport:
         env = self._env
         binary: CodexBinary | None = None
@@ -244,15 +247,19 @@ class CodexAdapter(BaseAdapter):
         if validate_config:
             report.run("config.toml", lambda: self._check_config(prepared), CONFIG_FIX)
 
-        def sandbox_check() -> str:
-            prepared.sandbox, detail = resolve_sandbox(
-                settings.sandbox, lambda: probe_sandbox(binary, workspace, codex_home, dict(env))
-            )
-            return detail
-
-        if report.run("sandbox", sandbox_check):
+        if report.ok:
             self._prepared = prepared
+        if probe_sandbox:
+            report.run("sandbox", lambda: self._check_sandbox(prepared))
         return report
+
+    def _check_sandbox(self, prepared: _Prepared) -> str:
+        """Resolve ``sandbox: auto|…`` with a live probe; records the mode threads will use."""
+        prepared.sandbox, detail = resolve_sandbox(
+            prepared.settings.sandbox,
+            lambda: run_sandbox_probe(prepared.binary, prepared.workspace, prepared.codex_home, self._env),
+        )
+        return detail
 
     def _render_config(self, prepared: _Prepared) -> str:
         mcp = codex_config.platform_mcp_server(sys.executable, self._mcp_env())
@@ -282,7 +289,7 @@ class CodexAdapter(BaseAdapter):
     async def setup(self, config: AdapterConfig) -> None:
         """Preflight (raise with every failure), write auth and config, start codex warm."""
         self._heartbeat = config.heartbeat
-        report = await self.preflight(config, validate_config=False)
+        report = await self.preflight(config, validate_config=False, probe_sandbox=False)
         for result in report.results:
             logger.info("preflight %s: %s %s", "PASS" if result.ok else "FAIL", result.name, result.detail)
         report.raise_for_failures()
@@ -311,13 +318,20 @@ class CodexAdapter(BaseAdapter):
             strict_config=True,
         )
         self._store = ConversationStore(prepared.state_dir)
-        self._options = self._executor_options(prepared, instructions)
+        sandbox = asyncio.create_task(asyncio.to_thread(self._check_sandbox, prepared))
         try:
             await self._app.start()
         except AppServerExited as exc:
+            await asyncio.gather(sandbox, return_exceptions=True)
             detail = codex_config.config_error_text(exc.stderr_tail) or str(exc)
             raise PreflightError(f"molecule-codex preflight failed: config.toml: codex rejects it: {detail} "
                                  f"Fix: {CONFIG_FIX}") from None
+        try:
+            logger.info("preflight PASS: sandbox %s", await sandbox)
+        except PreflightError as exc:
+            await self._app.close()
+            raise PreflightError(f"molecule-codex preflight failed: sandbox: {exc}") from None
+        self._options = self._executor_options(prepared, instructions)
         logger.info(
             "codex ready: model=%s provider=%s sandbox=%s workspace=%s state=%s",
             prepared.settings.model, prepared.provider.name, prepared.sandbox, prepared.workspace, prepared.state_dir,
