@@ -44,7 +44,7 @@ def test_report_lists_every_failure_with_its_fix():
     report.note("workspace", True, "ok")
     assert not report.ok and [f.name for f in report.failures] == ["model"]
     assert "[FAIL] model: bad model" in report.render() and "fix: set runtime_config.model" in report.render()
-    with pytest.raises(PreflightError, match="model: bad model Fix: set runtime_config.model"):
+    with pytest.raises(PreflightError, match=r"model: bad model Fix: set runtime_config\.model"):
         report.raise_for_failures()
 
 
