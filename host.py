@@ -32,9 +32,12 @@ from a2a.types import (
     AgentCard,
     AgentInterface,
     AgentSkill,
+    ListTasksRequest,
+    ListTasksResponse,
     Message,
     Part,
     Role,
+    Task,
     TaskState,
     TaskStatus,
 )
@@ -58,6 +61,8 @@ SERVER_STOP_TIMEOUT_S = 10.0
 #: Request bodies above this get HTTP 413: big enough for images, small enough to protect memory.
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 TASKS_DB_FILENAME = "tasks.sqlite3"
+#: How long an SQLite write waits for another connection's transaction (the driver default is 5 s).
+STORE_BUSY_TIMEOUT_S = 60.0
 HEALTH_PATH = "/health"
 UNAUTHENTICATED_PATHS = frozenset({AGENT_CARD_WELL_KNOWN_PATH, "/.well-known/agent.json", HEALTH_PATH})
 #: States that mean "still running": after a restart nothing is running any more.
@@ -125,7 +130,51 @@ def _unauthorized(_conn: HTTPConnection, exc: Exception) -> Response:
 
 
 class TaskStore(DatabaseTaskStore):
-    """The SDK's SQLAlchemy task store plus one recovery step for restarts."""
+    """The SDK's SQLAlchemy task store, written when a task appears and when it settles.
+
+    The SDK saves a task on every event (a dozen or more per turn); each save is a database
+    commit, which was half of our per-turn overhead. A task is therefore written when first
+    seen (so a crash leaves it on disk as unfinished, and ``fail_unfinished`` reports it
+    FAILED after the restart) and whenever it leaves submitted/working; in between, its latest
+    version lives in memory, scoped by owner like the table, and is what ``get`` returns.
+    """
+
+    def __init__(self, engine: Any, **kwargs: Any) -> None:
+        super().__init__(engine, **kwargs)
+        self._live: dict[tuple[str, str], Task] = {}  # (owner, task id) -> latest in-flight version
+
+    async def save(self, task: Task, context: ServerCallContext) -> None:
+        key = (self.owner_resolver(context), task.id)
+        in_flight = task.status.state in UNFINISHED_STATES
+        if key not in self._live or not in_flight:
+            await super().save(task, context)
+        if in_flight:
+            snapshot = Task()
+            snapshot.CopyFrom(task)  # the SDK keeps mutating the object it passed us
+            self._live[key] = snapshot
+        else:
+            self._live.pop(key, None)
+
+    async def get(self, task_id: str, context: ServerCallContext) -> Task | None:
+        live = self._live.get((self.owner_resolver(context), task_id))
+        if live is None:
+            return await super().get(task_id, context)
+        snapshot = Task()
+        snapshot.CopyFrom(live)
+        return snapshot
+
+    async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
+        response = await super().list(params, context)
+        owner = self.owner_resolver(context)
+        for stored in response.tasks:
+            live = self._live.get((owner, stored.id))
+            if live is not None:
+                stored.CopyFrom(live)
+        return response
+
+    async def delete(self, task_id: str, context: ServerCallContext) -> None:
+        self._live.pop((self.owner_resolver(context), task_id), None)
+        await super().delete(task_id, context)
 
     async def fail_unfinished(self, reason: str = INTERRUPTED_BY_RESTART) -> int:
         """Mark every task left submitted/working by a previous process as FAILED (all callers)."""
@@ -179,10 +228,13 @@ def create_task_store(url: str) -> TaskStore:
     """A task store on any async SQLAlchemy URL (``sqlite+aiosqlite://…``, ``postgresql+asyncpg://…``).
 
     The SDK commits once per task event; on SQLite that cost is most of our per-turn overhead
-    with the default rollback journal, so file databases run in WAL mode.
+    with the default rollback journal, so file databases run in WAL mode. SQLite has one writer
+    at a time, and a writer's transaction spans event-loop turns: on a busy loop (32 turns on
+    2 cores) the others waited past the driver's 5 s busy timeout ("database is locked", which
+    reached the A2A client with the SQL in it), hence the longer wait.
     """
     if url.startswith("sqlite"):
-        engine = create_async_engine(url)
+        engine = create_async_engine(url, connect_args={"timeout": STORE_BUSY_TIMEOUT_S})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     else:
         engine = create_async_engine(url, pool_pre_ping=True)
