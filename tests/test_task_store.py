@@ -1,0 +1,102 @@
+"""The task store: what is on disk at each step, what callers read, and recovery after a crash."""
+
+from __future__ import annotations
+
+from a2a.auth.user import User
+from a2a.server.context import ServerCallContext
+from a2a.types import ListTasksRequest, Task, TaskState, TaskStatus
+
+from host import TaskStore, create_task_store, task_store_url
+
+
+class _Caller(User):
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def user_name(self) -> str:
+        return self._name
+
+
+def _context(name: str) -> ServerCallContext:
+    return ServerCallContext(user=_Caller(name))
+
+
+def _task(state: int, task_id: str = "t1") -> Task:
+    return Task(id=task_id, context_id="c1", status=TaskStatus(state=state))
+
+
+async def _on_disk(url: str, task_id: str, context: ServerCallContext) -> int | None:
+    """What a fresh process would read (no in-memory versions)."""
+    fresh = create_task_store(url)
+    try:
+        task = await fresh.get(task_id, context)
+        return task.status.state if task else None
+    finally:
+        await fresh.engine.dispose()
+
+
+async def test_written_when_it_appears_and_when_it_settles(tmp_path):
+    url = task_store_url(tmp_path, None)
+    store = create_task_store(url)
+    alice = _context("alice")
+    try:
+        await store.save(_task(TaskState.TASK_STATE_SUBMITTED), alice)
+        assert await _on_disk(url, "t1", alice) == TaskState.TASK_STATE_SUBMITTED
+        await store.save(_task(TaskState.TASK_STATE_WORKING), alice)
+        assert (await store.get("t1", alice)).status.state == TaskState.TASK_STATE_WORKING
+        assert await _on_disk(url, "t1", alice) == TaskState.TASK_STATE_SUBMITTED  # no commit per event
+        listed = await store.list(ListTasksRequest(), alice)
+        assert [t.status.state for t in listed.tasks] == [TaskState.TASK_STATE_WORKING]
+        await store.save(_task(TaskState.TASK_STATE_COMPLETED), alice)
+        assert await _on_disk(url, "t1", alice) == TaskState.TASK_STATE_COMPLETED
+        assert (await store.get("t1", alice)).status.state == TaskState.TASK_STATE_COMPLETED
+    finally:
+        await store.engine.dispose()
+
+
+async def test_in_flight_versions_are_scoped_per_caller(tmp_path):
+    store = create_task_store(task_store_url(tmp_path, None))
+    try:
+        await store.save(_task(TaskState.TASK_STATE_SUBMITTED), _context("alice"))
+        await store.save(_task(TaskState.TASK_STATE_WORKING), _context("alice"))
+        assert await store.get("t1", _context("bob")) is None
+    finally:
+        await store.engine.dispose()
+
+
+async def test_the_sdk_mutating_its_task_does_not_change_what_we_hold(tmp_path):
+    store = create_task_store(task_store_url(tmp_path, None))
+    alice = _context("alice")
+    try:
+        task = _task(TaskState.TASK_STATE_SUBMITTED)
+        await store.save(task, alice)
+        task.status.state = TaskState.TASK_STATE_WORKING
+        await store.save(task, alice)
+        task.status.state = TaskState.TASK_STATE_COMPLETED  # mutated, not saved
+        assert (await store.get("t1", alice)).status.state == TaskState.TASK_STATE_WORKING
+    finally:
+        await store.engine.dispose()
+
+
+async def test_tasks_unfinished_at_a_crash_are_failed_on_the_next_start(tmp_path):
+    url = task_store_url(tmp_path, None)
+    crashed: TaskStore = create_task_store(url)
+    await crashed.save(_task(TaskState.TASK_STATE_SUBMITTED, "running"), _context("alice"))
+    await crashed.save(_task(TaskState.TASK_STATE_WORKING, "running"), _context("alice"))
+    await crashed.save(_task(TaskState.TASK_STATE_SUBMITTED, "done"), _context("bob"))
+    await crashed.save(_task(TaskState.TASK_STATE_COMPLETED, "done"), _context("bob"))
+    await crashed.engine.dispose()  # the process "dies" here
+    restarted = create_task_store(url)
+    try:
+        assert await restarted.fail_unfinished() == 1
+        running = await restarted.get("running", _context("alice"))
+        assert running.status.state == TaskState.TASK_STATE_FAILED
+        assert "restarted" in running.status.message.parts[0].text
+        assert (await restarted.get("done", _context("bob"))).status.state == TaskState.TASK_STATE_COMPLETED
+    finally:
+        await restarted.engine.dispose()
