@@ -45,7 +45,14 @@ from a2a.server.events import EventQueue
 from a2a.server.tasks import TaskUpdater
 from a2a.types import Message, Part, Task, TaskState, TaskStatus
 
-from app_server import AppServer, AppServerError, AppServerExited, AppServerTimeout, ThreadSubscription
+from app_server import (
+    AppServer,
+    AppServerError,
+    AppServerExited,
+    AppServerTimeout,
+    Notification,
+    ThreadSubscription,
+)
 from conversations import ConversationStore, ConversationStoreError
 from inputs import CodexInput, InputBuilder, InputError
 from turn import MessageStarted, Progress, TextDelta, TurnState
@@ -165,11 +172,16 @@ class Publisher:
         self._chunks += 1
 
     async def finish(self, result: TurnResult) -> None:
-        """Terminal event; for COMPLETED the answer artifact is first replaced by the full text."""
+        """Terminal event, after the answer artifact is replaced by the final text.
+
+        On COMPLETED that text is the full answer. A turn that fails after streaming part of an
+        answer gets its reason there instead, so nobody reading the first artifact takes the
+        fragment for an answer.
+        """
         if not self.active:
             return
         self.terminal = True
-        if result.state == TaskState.TASK_STATE_COMPLETED:
+        if result.state == TaskState.TASK_STATE_COMPLETED or self.has_chunks:
             await self._updater.add_artifact(
                 [Part(text=result.text)],
                 artifact_id=ANSWER_ARTIFACT_ID,
@@ -250,7 +262,7 @@ class CodexExecutor(AgentExecutor):
                 return
             codex_input = self._inputs.build(context.message)
             message_id = context.message.message_id if context.message else ""
-            await self._run(context_id, task_id, codex_input, message_id, publisher)
+            await self._run(_conversation_key(context, context_id), task_id, codex_input, message_id, publisher)
         except asyncio.CancelledError:
             publisher.detach()
             raise
@@ -333,6 +345,14 @@ class CodexExecutor(AgentExecutor):
                 turn.started = True
                 try:
                     result = await self._run_turn(conversation, turn, codex_input, message_id)
+                except Exception:
+                    # A bug of ours, not a codex failure (execute() reports it): requests that joined
+                    # this turn must still end, and the codex turn must not run on unattended.
+                    self._settle(turn, _failed("The turn this message joined hit an internal error; see the "
+                                               "agent's log."))
+                    with contextlib.suppress(Exception):
+                        await self._interrupt_for(turn, "internal error")
+                    raise
                 finally:
                     conversation.active = None
                     conversation.last_used = time.monotonic()
@@ -364,7 +384,7 @@ class CodexExecutor(AgentExecutor):
             await self.app.request(
                 "turn/steer",
                 {"threadId": conversation.thread_id, "expectedTurnId": active.turn_id, "input": codex_input.items},
-                timeout=TURN_START_TIMEOUT_S,
+                timeout=self._request_timeout(TURN_START_TIMEOUT_S),
             )
         except (AppServerError, AppServerExited) as exc:
             logger.info("steer not possible context=%s (%s); queueing instead", conversation.context_id, exc)
@@ -407,6 +427,15 @@ class CodexExecutor(AgentExecutor):
             self._detach_thread(conversation)
         except ConversationStoreError as exc:
             result = _failed(f"The conversation could not be saved: {exc}")
+        except AppServerTimeout as exc:
+            # A child that answers nothing is hung (not just slow): replace it, or every later message waits too.
+            logger.error("codex did not answer %s context=%s; restarting it", exc.method, conversation.context_id)
+            self._detach_thread(conversation)
+            self._spawn_background(self._restart_app(f"no answer to {exc.method}", self.app.generation))
+            result = _failed(
+                f"codex stopped answering (no answer to {exc.method} within {exc.timeout:g}s) and is being restarted. "
+                "Send the message again to continue: the conversation resumes from its saved history."
+            )
         except AppServerError as exc:
             logger.warning("codex refused a request context=%s: %s", conversation.context_id, exc)
             result = _failed(f"codex refused the request: {exc.message}")
@@ -447,7 +476,7 @@ class CodexExecutor(AgentExecutor):
         if message_id:
             params["clientUserMessageId"] = message_id
         try:
-            started = await self.app.request("turn/start", params, timeout=TURN_START_TIMEOUT_S)
+            started = await self.app.request("turn/start", params, timeout=self._request_timeout(TURN_START_TIMEOUT_S))
         except AppServerError as exc:
             if "thread not found" not in exc.message:
                 raise
@@ -457,7 +486,7 @@ class CodexExecutor(AgentExecutor):
             params["threadId"] = conversation.thread_id
             subscription = conversation.subscription
             assert subscription is not None
-            started = await self.app.request("turn/start", params, timeout=TURN_START_TIMEOUT_S)
+            started = await self.app.request("turn/start", params, timeout=self._request_timeout(TURN_START_TIMEOUT_S))
         turn.turn_id = str(started["turn"]["id"])
         turn.state = TurnState(thread_id=conversation.thread_id, turn_id=turn.turn_id)
         logger.info(
@@ -504,17 +533,38 @@ class CodexExecutor(AgentExecutor):
                     self._spawn_background(self._restart_app("codex stopped answering", generation))
                     break
                 continue
-            if not state.belongs(event):
-                continue
-            for out in state.feed(event):
-                if isinstance(out, TextDelta):
-                    await publisher.chunk(out.delta)
-                elif isinstance(out, MessageStarted) and publisher.has_chunks:
-                    await publisher.chunk(MESSAGE_SEPARATOR)
-                elif isinstance(out, Progress):
-                    await publisher.working(out.text)
+            await self._publish_batch(state, publisher, event, subscription)
         self.store.touch(conversation.context_id)
         return self._result(conversation, turn, timeout_reason)
+
+    async def _publish_batch(
+        self, state: TurnState, publisher: Publisher, event: Notification, subscription: ThreadSubscription
+    ) -> None:
+        """Publish ``event`` and every event already waiting behind it, text deltas merged.
+
+        Each A2A event costs a task-store write and a client frame; deltas that arrived together
+        go out as one chunk. The first delta is never held back: nothing waits for more input.
+        """
+        text: list[str] = []
+        next_event: Notification | None = event
+        while next_event is not None:
+            if state.belongs(next_event):
+                for out in state.feed(next_event):
+                    if isinstance(out, TextDelta):
+                        text.append(out.delta)
+                    elif isinstance(out, MessageStarted):
+                        if publisher.has_chunks or text:
+                            text.append(MESSAGE_SEPARATOR)
+                    elif isinstance(out, Progress):
+                        if text:  # keep the order: text so far, then the tool line
+                            await publisher.chunk("".join(text))
+                            text.clear()
+                        await publisher.working(out.text)
+            if state.done:
+                break
+            next_event = subscription.get_nowait()
+        if text:
+            await publisher.chunk("".join(text))
 
     def _result(self, conversation: Conversation, turn: ActiveTurn, timeout_reason: str | None) -> TurnResult:
         state = turn.state
@@ -571,6 +621,10 @@ class CodexExecutor(AgentExecutor):
 
     # ------------------------------------------------------------------ threads
 
+    def _request_timeout(self, limit: float) -> float:
+        """A codex request waits no longer than a turn may go without progress (a hung child is replaced)."""
+        return min(limit, self.options.inactivity_timeout)
+
     def _thread_params(self) -> dict[str, Any]:
         """Parameters repeated on every start *and* resume: resume resets the sandbox otherwise."""
         options = self.options
@@ -601,7 +655,7 @@ class CodexExecutor(AgentExecutor):
                 await self.app.request(
                     "thread/resume",
                     {"threadId": conversation.thread_id, "excludeTurns": True, **params},
-                    timeout=THREAD_REQUEST_TIMEOUT_S,
+                    timeout=self._request_timeout(THREAD_REQUEST_TIMEOUT_S),
                 )
                 conversation.subscription = self.app.subscribe(conversation.thread_id)
                 conversation.loaded_generation = generation
@@ -613,10 +667,10 @@ class CodexExecutor(AgentExecutor):
                 lost = conversation.thread_id
                 logger.warning("thread resume failed context=%s thread=%s: %s", conversation.context_id, lost, exc)
                 await publisher.working(
-                    f"The earlier history of this conversation could not be restored ({exc.message}); "
-                    "continuing in a new codex thread without it."
+                    "The earlier history of this conversation could not be restored (codex no longer has "
+                    f"thread {lost}); continuing in a new codex thread without it."
                 )
-        result = await self.app.request("thread/start", params, timeout=THREAD_REQUEST_TIMEOUT_S)
+        result = await self.app.request("thread/start", params, timeout=self._request_timeout(THREAD_REQUEST_TIMEOUT_S))
         thread_id = str(result["thread"]["id"])
         conversation.subscription = self.app.subscribe(thread_id)
         conversation.thread_id = thread_id
@@ -701,6 +755,15 @@ class CodexExecutor(AgentExecutor):
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
         await self.app.close()
+
+
+def _conversation_key(context: RequestContext, context_id: str) -> str:
+    """The conversation a message continues: per caller, so a context id another authenticated
+    caller also uses neither shares nor reveals that caller's codex thread."""
+    user = getattr(context.call_context, "user", None)
+    if user is None or not user.is_authenticated or not user.user_name:
+        return context_id
+    return f"{user.user_name}/{context_id}"
 
 
 def _being_cancelled() -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from a2a.types import Message, Part
+from google.protobuf import json_format
 from google.protobuf.json_format import MessageToDict
 
 #: Where attachments land inside the workspace (codex can read them there).
@@ -66,13 +67,29 @@ def _resolve_local(reference: str, workspace: Path) -> Path:
         raw = reference[len("workspace:") :].lstrip("/")
     else:
         raw = reference
-    candidate = Path(raw) if os.path.isabs(raw) else workspace / raw
-    resolved = candidate.resolve()
-    if not _inside(resolved, workspace.resolve()):
+    try:
+        candidate = Path(raw) if os.path.isabs(raw) else workspace / raw
+        resolved = candidate.resolve()
+        inside = _inside(resolved, workspace.resolve())
+        is_file = inside and resolved.is_file()
+    except (OSError, ValueError):  # a NUL byte, a name too long for the filesystem, …
+        raise InputError(f"refused file reference {reference!r}: not a usable path") from None
+    if not inside:
         raise InputError(f"refused file reference {reference!r}: it points outside the workspace")
-    if not resolved.is_file():
+    if not is_file:
         raise InputError(f"refused file reference {reference!r}: no such file in the workspace")
     return resolved
+
+
+def _whole_numbers(value: Any) -> Any:
+    """Undo protobuf's number widening: ``Value`` keeps every number as a double, so 2 reads back 2.0."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(item) for item in value]
+    return value
 
 
 def _is_image(media_type: str, name: str) -> bool:
@@ -131,7 +148,11 @@ class InputBuilder:
         if kind == "text":
             collected.texts.append(part.text)
         elif kind == "data":
-            collected.texts.append(json.dumps(MessageToDict(part.data), ensure_ascii=False, sort_keys=True))
+            try:
+                data = _whole_numbers(MessageToDict(part.data))
+            except (ValueError, json_format.Error):
+                raise InputError(f"part {index}: the data holds NaN or Infinity, which JSON cannot carry") from None
+            collected.texts.append(json.dumps(data, ensure_ascii=False, sort_keys=True))
         elif kind == "raw":
             name = _safe_filename(part.filename, f"attachment-{index}")
             collected.to_save.append((name, part.raw, _is_image(media_type, name)))
@@ -166,6 +187,8 @@ class InputBuilder:
 
     def _save(self, filename: str, data: bytes) -> Path:
         directory = self.workspace / INPUTS_DIRNAME
+        if not _inside(directory.resolve(), self.workspace.resolve()):  # e.g. a symlink made in the workspace
+            raise InputError(f"{INPUTS_DIRNAME} in the workspace points outside it; attachments are not saved there")
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / f"{uuid.uuid4().hex[:8]}-{filename}"
         fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)

@@ -21,9 +21,9 @@ from a2a.client import ClientCallContext, ClientConfig, create_client
 from a2a.client.client import Client
 from a2a.types import Message, Part, Role, SendMessageRequest, StreamResponse
 
-from app_server import AppServer
+from app_server import AppServer, RestartBackoff
 from conversations import ConversationStore
-from executor import CodexExecutor, ExecutorOptions
+from executor import CodexExecutor, ExecutorOptions, TurnHooks
 from host import build_agent_card, build_app, create_task_store, task_store_url
 from scripted_model import SCRIPTED_API_KEY_ENV, ScriptedModel, write_codex_config
 
@@ -84,9 +84,39 @@ def streamed_text(items: list[StreamResponse]) -> str:
     for item in items:
         if item.WhichOneof("payload") == "artifact_update":
             update = item.artifact_update
+            if update.last_chunk:
+                continue  # the final replace: checked separately with final_answer()
             chunk = "".join(part.text for part in update.artifact.parts)
             text = text + chunk if update.append else chunk
     return text
+
+
+def final_answer(items: list[StreamResponse]) -> str | None:
+    """The answer artifact's text at the end: the Task's first artifact, or the last replace event."""
+    for item in reversed(items):
+        kind = item.WhichOneof("payload")
+        if kind == "task" and item.task.artifacts:
+            return "".join(part.text for part in item.task.artifacts[0].parts)
+        if kind == "artifact_update" and item.artifact_update.last_chunk:
+            return "".join(part.text for part in item.artifact_update.artifact.parts)
+    return None
+
+
+def status_texts(items: list[StreamResponse]) -> list[str]:
+    """Text of every status message seen, in order (progress lines and the terminal message)."""
+    texts = []
+    for item in items:
+        kind = item.WhichOneof("payload")
+        status = item.status_update.status if kind == "status_update" else item.task.status if kind == "task" else None
+        if status is not None and status.message.parts:
+            texts.append("".join(part.text for part in status.message.parts))
+    return texts
+
+
+def final_message(items: list[StreamResponse]) -> str:
+    """Text of the last status message (the terminal one once the task ended)."""
+    texts = status_texts(items)
+    return texts[-1] if texts else ""
 
 
 def final_task(items: list[StreamResponse]):
@@ -108,6 +138,55 @@ def terminal_state(items: list[StreamResponse]) -> int | None:
     return None
 
 
+class Call:
+    """A streaming send running in the background: ``items`` fill in as they arrive."""
+
+    def __init__(self, client: Client, message: Message, *, timeout: float = CLIENT_TIMEOUT_S) -> None:
+        self.message = message
+        self.items: list[StreamResponse] = []
+        self._changed = asyncio.Condition()
+        self._task = asyncio.create_task(self._consume(client, timeout))
+
+    async def _consume(self, client: Client, timeout: float) -> None:
+        try:
+            async for item in client.send_message(
+                SendMessageRequest(message=self.message), context=ClientCallContext(timeout=timeout)
+            ):
+                async with self._changed:
+                    self.items.append(item)
+                    self._changed.notify_all()
+        finally:
+            async with self._changed:
+                self._changed.notify_all()
+
+    @property
+    def task_id(self) -> str:
+        return self.items[0].task.id
+
+    async def wait_for(self, predicate: Any, timeout: float = 20.0) -> StreamResponse:
+        """The first item matching ``predicate``; fails if the call ends or times out without one."""
+
+        def found() -> StreamResponse | None:
+            return next((item for item in self.items if predicate(item)), None)
+
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: found() is not None or self._task.done())
+        match = found()
+        if match is None:
+            await self._task  # surfaces the client's error, if any
+            raise AssertionError(f"the call ended without a matching item: {self.items}")
+        return match
+
+    async def wait_status(self, fragment: str, timeout: float = 20.0) -> StreamResponse:
+        """The first status message containing ``fragment``."""
+        return await self.wait_for(lambda item: any(fragment in text for text in status_texts([item])), timeout)
+
+    async def result(self, timeout: float = 30.0) -> list[StreamResponse]:
+        """Every item, once the call has ended."""
+        await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        return self.items
+
+
 @contextlib.asynccontextmanager
 async def serve_codex(
     tmp_path: Path,
@@ -118,18 +197,20 @@ async def serve_codex(
     tokens: tuple[str, ...] = (),
     max_body_bytes: int | None = None,
     stream_idle_timeout_ms: int = 3000,
+    hooks: TurnHooks | None = None,
+    backoff: RestartBackoff | None = None,
     **option_overrides: Any,
 ) -> AsyncIterator[Served]:
-    """Run the whole stack; keyword overrides go to ExecutorOptions."""
+    """Run the whole stack; keyword overrides go to ExecutorOptions (``hooks``/``backoff``: executor, app-server)."""
     workspace = tmp_path / "workspace"
     workspace.mkdir(exist_ok=True)
     state_dir = state_dir or tmp_path / "state"
     codex_home = codex_home or state_dir / "codex-home"
     write_codex_config(codex_home, model.base_url, stream_idle_timeout_ms=stream_idle_timeout_ms)
-    app = AppServer(codex_home=codex_home, cwd=workspace,
-                    env={**os.environ, SCRIPTED_API_KEY_ENV: "scripted-key"})
+    app = AppServer(codex_home=codex_home, cwd=workspace, env={**os.environ, SCRIPTED_API_KEY_ENV: "scripted-key"},
+                    backoff=backoff)
     options = replace(ExecutorOptions(workspace=workspace, model="scripted-model"), **option_overrides)
-    executor = CodexExecutor(app, ConversationStore(state_dir), options)
+    executor = CodexExecutor(app, ConversationStore(state_dir), options, hooks=hooks)
     store = create_task_store(task_store_url(state_dir, None))
     await store.fail_unfinished()
     card = build_agent_card("http://127.0.0.1:0/", name="codex-test", description="test", version="0")

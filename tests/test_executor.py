@@ -8,9 +8,9 @@ import time
 
 import pytest
 from a2a.types import CancelTaskRequest, SendMessageRequest, TaskState
+from a2a_rig import send, serve_codex, streamed_text, terminal_state, user_message
 
 from scripted_model import Hold, ScriptedModel, Text, ToolCall
-from tests.a2a_rig import send, serve_codex, streamed_text, terminal_state, user_message
 
 pytestmark = pytest.mark.real_codex
 
