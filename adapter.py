@@ -235,9 +235,9 @@ class CodexAdapter(BaseAdapter):
         except providers.ProviderError as exc:
             report.note("credentials", False, str(exc))
             return report
-        writable = report.run("state directory", lambda: check_writable_dir(state_dir, "the state directory"),
+        writable = report.run("state directory", lambda: check_writable_dir(state_dir, "the state directory", 0o700),
                               "set --state-dir / MOLECULE_CODEX_STATE_DIR to a writable directory")
-        writable &= report.run("CODEX_HOME", lambda: check_writable_dir(codex_home, "CODEX_HOME"),
+        writable &= report.run("CODEX_HOME", lambda: check_writable_dir(codex_home, "CODEX_HOME", 0o700),
                                "set CODEX_HOME to a writable directory")
         writable &= report.run("workspace", lambda: check_writable_dir(workspace, "the working directory"),
                                "make the workspace writable by the agent user (runtime_config.cwd / --workdir)")

@@ -441,6 +441,10 @@ class AppServer:
         if proc is None:
             return
         self._stopping.add(proc.pid)
+        if self._exit is None:
+            # No longer "running" while it stops (seconds, for a hung child): ensure_running() callers
+            # wait for the replacement instead of sending requests the stop is about to fail.
+            self._exit = AppServerExited(reason)
         descendants = _descendants(proc.pid)
         if proc.returncode is None:
             if proc.stdin is not None and not proc.stdin.is_closing():

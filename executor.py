@@ -735,10 +735,6 @@ class CodexExecutor(AgentExecutor):
 
     # ------------------------------------------------------------------ lifecycle
 
-    @property
-    def loaded_conversations(self) -> int:
-        return len(self._conversations)
-
     async def shutdown(self, reason: str = "the agent is shutting down") -> None:
         """Interrupt running turns (their tasks end FAILED with ``reason``), then close codex."""
         self._closing = True

@@ -25,7 +25,7 @@ import uvicorn
 from a2a.server.agent_execution import AgentExecutor
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers import DefaultRequestHandler
-from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.server.routes import DefaultServerCallContextBuilder, create_agent_card_routes, create_jsonrpc_routes
 from a2a.server.tasks import DatabaseTaskStore
 from a2a.types import (
     AgentCapabilities,
@@ -241,6 +241,21 @@ def create_task_store(url: str) -> TaskStore:
     return TaskStore(engine, create_table=True)
 
 
+#: Request headers kept out of the call context: a2a-sdk logs the context at DEBUG.
+PRIVATE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+class _CallContextBuilder(DefaultServerCallContextBuilder):
+    """The SDK's call context without credentials (the user is already resolved from them)."""
+
+    def build(self, request: Request) -> ServerCallContext:
+        context = super().build(request)
+        headers = context.state.get("headers")
+        if isinstance(headers, dict):
+            context.state["headers"] = {k: v for k, v in headers.items() if k.lower() not in PRIVATE_HEADERS}
+        return context
+
+
 async def _health(_request: Request) -> Response:
     return PlainTextResponse("ok")
 
@@ -259,7 +274,7 @@ def build_app(
     handler = DefaultRequestHandler(agent_executor=executor, task_store=task_store, agent_card=card)
     routes = [
         *create_agent_card_routes(card),
-        *create_jsonrpc_routes(handler, rpc_url="/", enable_v0_3_compat=True),
+        *create_jsonrpc_routes(handler, rpc_url="/", context_builder=_CallContextBuilder(), enable_v0_3_compat=True),
         Route(HEALTH_PATH, _health, methods=["GET"]),
         *extra_routes,
     ]
@@ -270,11 +285,6 @@ def build_app(
         )
     app = Starlette(routes=routes, middleware=middleware, max_body_size=max_body_bytes, lifespan=lifespan)
     return app, handler
-
-
-def anonymous_context() -> ServerCallContext:
-    """A call context for host-side store access outside a request."""
-    return ServerCallContext()
 
 
 @contextlib.asynccontextmanager

@@ -15,12 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from codex_binary import CodexBinary
 
@@ -90,9 +88,15 @@ class PreflightReport:
         return "\n".join(lines)
 
 
-def check_writable_dir(path: Path, what: str) -> str:
-    """Create ``path`` if needed and prove we can write a file in it."""
+def check_writable_dir(path: Path, what: str, mode: int | None = None) -> str:
+    """Create ``path`` if needed (with ``mode``, whatever the umask) and prove we can write a file in it.
+
+    An existing directory keeps its mode.
+    """
     try:
+        if mode is not None and not path.is_dir():
+            path.mkdir(parents=True, exist_ok=True, mode=mode)  # never wider than ``mode``
+            os.chmod(path, mode)
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".molecule-codex-write-probe-{uuid.uuid4().hex[:8]}"
         probe.write_text("ok")
@@ -177,8 +181,3 @@ def resolve_sandbox(requested: str, probe: Callable[[], SandboxProbe]) -> tuple[
         "e.g. --security-opt seccomp=unconfined or a runtime that allows unprivileged namespaces), or set "
         "sandbox: danger-full-access where the container itself is the security boundary."
     )
-
-
-def temporary_codex_home() -> Any:
-    """A throwaway CODEX_HOME for probes that must not touch the real one."""
-    return tempfile.TemporaryDirectory(prefix="molecule-codex-probe-")

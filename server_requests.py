@@ -21,7 +21,7 @@ Answer shapes (checked against the 0.163 JSON schema):
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,11 +101,6 @@ class ServerRequestPolicy:
 
     approval_policy: str = "never"
     trusted_mcp_servers: frozenset[str] = field(default_factory=lambda: frozenset({"molecule"}))
-
-    @classmethod
-    def with_trusted(cls, approval_policy: str, servers: Iterable[str]) -> ServerRequestPolicy:
-        """Build a policy trusting the named MCP servers."""
-        return cls(approval_policy=approval_policy, trusted_mcp_servers=frozenset(servers))
 
     async def __call__(self, request: ServerRequest) -> Answer:
         """Answer one request; never raises for a well-formed request."""
