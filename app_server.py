@@ -35,7 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from codex_binary import CodexBinary, resolve_codex_binary
+from codex_binary import CodexBinary, parse_version, require_supported, resolve_codex_binary
 from server_requests import Answer, PolicyCallable, ServerRequest, ServerRequestPolicy, decline_answer
 
 logger = logging.getLogger(__name__)
@@ -296,6 +296,7 @@ class AppServer:
         self._stopping: set[int] = set()  # pids we are stopping on purpose
         self.generation = 0
         self.init_result: Mapping[str, Any] = {}
+        self.codex_version: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -423,6 +424,10 @@ class AppServer:
                     },
                 },
                 self._start_timeout,
+            )
+            # The handshake names the codex version: check it on every start, restarts included.
+            self.codex_version = require_supported(
+                parse_version(str(self.init_result.get("userAgent", ""))), self.binary.path
             )
             await self.notify("initialized")
         except BaseException:

@@ -57,6 +57,17 @@ def is_supported(version: tuple[int, int, int]) -> bool:
     return SUPPORTED_MIN <= version < SUPPORTED_BELOW
 
 
+def require_supported(version: tuple[int, int, int], where: object) -> tuple[int, int, int]:
+    """Return ``version``, or raise naming both the found and the supported versions."""
+    if not is_supported(version):
+        raise CodexBinaryError(
+            f"codex at {where} is version {'.'.join(map(str, version))}, but molecule-codex "
+            f"supports {supported_range_text()} (pinned {PINNED_CODEX_VERSION}). Install "
+            f"openai-codex-cli-bin=={PINNED_CODEX_VERSION} or point CODEX_BIN at a supported binary."
+        )
+    return version
+
+
 @dataclass(frozen=True, slots=True)
 class CodexBinary:
     """A resolved codex executable plus the helper folders its children need on PATH."""
@@ -98,14 +109,7 @@ class CodexBinary:
 
     def check_version(self) -> tuple[int, int, int]:
         """Return the version, or raise naming both the found and the supported versions."""
-        found = self.version()
-        if not is_supported(found):
-            raise CodexBinaryError(
-                f"codex at {self.path} is version {'.'.join(map(str, found))}, but molecule-codex "
-                f"supports {supported_range_text()} (pinned {PINNED_CODEX_VERSION}). Install "
-                f"openai-codex-cli-bin=={PINNED_CODEX_VERSION} or point CODEX_BIN at a supported binary."
-            )
-        return found
+        return require_supported(self.version(), self.path)
 
 
 def _bundled() -> CodexBinary | None:

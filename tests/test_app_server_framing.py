@@ -23,7 +23,7 @@ import pytest
 
 import app_server
 from app_server import AppServer, AppServerError, AppServerExited, AppServerTimeout, Notification
-from codex_binary import CodexBinary
+from codex_binary import CodexBinary, CodexBinaryError
 from server_requests import COMMAND_APPROVAL, METHOD_NOT_HANDLED, Answer, ServerRequest, ServerRequestPolicy
 
 pytestmark = pytest.mark.timeout(20)
@@ -52,7 +52,8 @@ for raw in sys.stdin.buffer:
         continue
     method, request_id = message["method"], message["id"]
     if method == "initialize":
-        write(out, json.dumps({"id": request_id, "result": {"userAgent": "stub/0.0.1"}}).encode() + b"\n")
+        agent = scenario.get("userAgent", "molecule-codex/0.163.0 (stub)")
+        write(out, json.dumps({"id": request_id, "result": {"userAgent": agent}}).encode() + b"\n")
         continue
     if method not in scenario:
         echo = {"id": request_id, "result": {"method": method, "params": message.get("params")}}
@@ -91,14 +92,19 @@ def notification_line(method: str, params: dict[str, Any]) -> str:
     return json.dumps({"method": method, "params": params})
 
 
-@asynccontextmanager
-async def stub_server(tmp_path: Path, scenario: dict[str, list[list[str]]], **kwargs: Any) -> AsyncIterator[AppServer]:
-    """A started AppServer whose child is the stub playing ``scenario``; closed on exit."""
+def stub_app(tmp_path: Path, scenario: dict[str, Any], **kwargs: Any) -> AppServer:
+    """An AppServer (not started) whose child is the stub playing ``scenario``."""
     script = tmp_path / "stub_codex.py"
     script.write_text(f"#!{sys.executable}\n{STUB_SOURCE}")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     script.with_suffix(".json").write_text(json.dumps(scenario))
-    app = AppServer(codex_home=tmp_path / "home", binary=CodexBinary(path=script, source="test"), **kwargs)
+    return AppServer(codex_home=tmp_path / "home", binary=CodexBinary(path=script, source="test"), **kwargs)
+
+
+@asynccontextmanager
+async def stub_server(tmp_path: Path, scenario: dict[str, Any], **kwargs: Any) -> AsyncIterator[AppServer]:
+    """A started AppServer whose child is the stub playing ``scenario``; closed on exit."""
+    app = stub_app(tmp_path, scenario, **kwargs)
     await app.start()
     try:
         yield app
@@ -108,9 +114,19 @@ async def stub_server(tmp_path: Path, scenario: dict[str, list[list[str]]], **kw
 
 async def test_stub_handshake(tmp_path: Path) -> None:
     async with stub_server(tmp_path, {}) as app:
-        assert app.init_result == {"userAgent": "stub/0.0.1"}
+        assert app.init_result == {"userAgent": "molecule-codex/0.163.0 (stub)"}
+        assert app.codex_version == (0, 163, 0)
         assert await app.request("ping", {"x": 1}) == {"method": "ping", "params": {"x": 1}}
         assert app.command()[1:4] == ["app-server", "--listen", "stdio://"]
+
+
+async def test_unsupported_version_in_handshake_fails_start_and_leaves_no_child(tmp_path: Path) -> None:
+    app = stub_app(tmp_path, {"userAgent": "molecule-codex/0.99.0 (stub)"})
+    with pytest.raises(CodexBinaryError) as caught:
+        await app.start()
+    assert "0.99.0" in str(caught.value) and "0.163.0" in str(caught.value)
+    assert not app.running
+    await app.close()
 
 
 async def test_garbage_line_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
