@@ -56,14 +56,26 @@ class ConversationStore:
         if not self.path.exists():
             # Create the file 0600 before sqlite opens it, so it is never world-readable.
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        db: sqlite3.Connection | None = None
         try:
             db = self._connect()
-            db.execute("SELECT count(*) FROM conversations").fetchone()
+            # Every page, not just the table's first: a damaged index page fails lookups later otherwise.
+            problems = [str(row[0]) for row in db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems[:3]))
             return db
         except sqlite3.DatabaseError as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, sqlite3.OperationalError):
+                raise  # full, read-only, locked, I/O: no proof of damage, so the map stays where it is
             backup = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             logger.warning("conversation map %s is unreadable (%s); moved to %s, starting empty",
                            self.path, exc, backup)
+            for suffix in ("-wal", "-shm"):  # the damaged file's journal must not be replayed into the new one
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    os.replace(side, backup.with_name(backup.name + suffix))
             os.replace(self.path, backup)
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             return self._connect()

@@ -281,14 +281,18 @@ class CodexExecutor(AgentExecutor):
         task_id = context.task_id or ""
         context_id = context.current_task.context_id if context.current_task else (context.context_id or task_id)
         turn = self._turns.get(task_id)
-        if turn is not None:
-            turn.cancel_requested = True
-            turn.publisher.detach()
-            if turn.started:
-                await self._interrupt_for(turn, "canceled by request")
-            elif turn.worker is not None and not turn.worker.done():
-                turn.worker.cancel()  # still queued: it never starts
-            logger.info("turn cancel task=%s context=%s started=%s", task_id, context_id, turn.started)
+        if turn is None or turn.publisher.terminal:
+            # Already answered (or not started here): CANCELED now would overwrite the stored result.
+            # The SDK cancels the request and marks a task that is still open CANCELED itself.
+            logger.info("turn cancel task=%s context=%s: no running turn", task_id, context_id)
+            return
+        turn.cancel_requested = True
+        turn.publisher.detach()
+        if turn.started:
+            await self._interrupt_for(turn, "canceled by request")
+        elif turn.worker is not None and not turn.worker.done():
+            turn.worker.cancel()  # still queued: it never starts
+        logger.info("turn cancel task=%s context=%s started=%s", task_id, context_id, turn.started)
         publisher = Publisher(event_queue, task_id, context_id)
         await publisher.finish(TurnResult(TaskState.TASK_STATE_CANCELED, "Canceled by request."))
 
@@ -417,7 +421,17 @@ class CodexExecutor(AgentExecutor):
             self.hooks.turn_started(conversation.context_id, turn.text_preview)
         result: TurnResult | None = None
         try:
-            result = await self._drive(conversation, turn, codex_input, message_id)
+            try:
+                result = await self._drive(conversation, turn, codex_input, message_id)
+            except AppServerExited as exc:
+                if turn.turn_id is not None or turn.cancel_requested:
+                    raise
+                # codex died before this turn began (e.g. killed just before the message arrived): nothing
+                # of the turn ran, so it gets one fresh child instead of a "send it again".
+                logger.warning("codex exited before the turn started context=%s (%s); trying once more",
+                               conversation.context_id, exc)
+                self._detach_thread(conversation)
+                result = await self._drive(conversation, turn, codex_input, message_id)
         except AppServerExited as exc:
             result = _failed(
                 "The codex process stopped unexpectedly"
@@ -472,6 +486,9 @@ class CodexExecutor(AgentExecutor):
         subscription = conversation.subscription
         while subscription.get_nowait() is not None:
             pass  # late events of earlier turns (e.g. a command that outlived its turn)
+        if turn.cancel_requested:
+            # Canceled while codex restarted or the thread loaded: the message never reaches codex.
+            return TurnResult(TaskState.TASK_STATE_CANCELED, "Canceled by request.")
         params: dict[str, Any] = {"threadId": conversation.thread_id, "input": codex_input.items}
         if message_id:
             params["clientUserMessageId"] = message_id
@@ -672,10 +689,11 @@ class CodexExecutor(AgentExecutor):
                 )
         result = await self.app.request("thread/start", params, timeout=self._request_timeout(THREAD_REQUEST_TIMEOUT_S))
         thread_id = str(result["thread"]["id"])
+        # Saved first: a thread the map cannot hold must not be used, or its history is lost at the next restart.
+        self.store.bind(conversation.context_id, thread_id)
         conversation.subscription = self.app.subscribe(thread_id)
         conversation.thread_id = thread_id
         conversation.loaded_generation = generation
-        self.store.bind(conversation.context_id, thread_id)
         logger.info("thread started context=%s thread=%s", conversation.context_id, thread_id)
 
     def _detach_thread(self, conversation: Conversation) -> None:

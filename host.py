@@ -147,7 +147,16 @@ class TaskStore(DatabaseTaskStore):
         key = (self.owner_resolver(context), task.id)
         in_flight = task.status.state in UNFINISHED_STATES
         if key not in self._live or not in_flight:
-            await super().save(task, context)
+            try:
+                await super().save(task, context)
+            except Exception:
+                if not in_flight:
+                    # Settled but not written (disk full, read-only): readers get the outcome, not the last
+                    # in-flight version forever; after a restart fail_unfinished settles the row.
+                    settled = Task()
+                    settled.CopyFrom(task)
+                    self._live[key] = settled
+                raise
         if in_flight:
             snapshot = Task()
             snapshot.CopyFrom(task)  # the SDK keeps mutating the object it passed us
