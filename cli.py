@@ -202,8 +202,13 @@ async def _serve(args: argparse.Namespace) -> int:
         logger.error("refusing to bind %s without a token: set --token/MOLECULE_CODEX_TOKEN or pass --insecure",
                      args.host)
         return 2
-    async with serving(args) as running:
-        await running.wait()
+    try:
+        async with serving(args) as running:
+            await running.wait()
+    except RuntimeError as exc:  # preflight and setup say what is wrong and how to fix it
+        logger.debug("serve stopped", exc_info=True)
+        logger.error("%s", exc)
+        return 1
     return 0
 
 

@@ -5,8 +5,9 @@ on disk after every change, and a half-written file must never cost the other co
 SQLite gives atomic commits; the file is created 0600 inside a 0700 directory.
 
 A file that is not a readable database is moved aside (kept as a backup) with a warning, and the
-service continues with an empty map: those conversations then start fresh threads, which the
-executor announces to the caller.
+service continues with an empty map. The map no longer knows which conversations existed, so
+those conversations start fresh threads without a per-conversation notice; the warning in the log
+names the backup, from which an operator can restore bindings (``restore_state`` accepts them).
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from a2a.types import (
 )
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
 from sqlalchemy import event, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
@@ -129,6 +130,10 @@ def _unauthorized(_conn: HTTPConnection, exc: Exception) -> Response:
     )
 
 
+class TaskStoreError(RuntimeError):
+    """A task could not be written; the text is what the A2A caller sees."""
+
+
 class TaskStore(DatabaseTaskStore):
     """The SDK's SQLAlchemy task store, written when a task appears and when it settles.
 
@@ -149,14 +154,19 @@ class TaskStore(DatabaseTaskStore):
         if key not in self._live or not in_flight:
             try:
                 await super().save(task, context)
-            except Exception:
+            except SQLAlchemyError as exc:
                 if not in_flight:
                     # Settled but not written (disk full, read-only): readers get the outcome, not the last
                     # in-flight version forever; after a restart fail_unfinished settles the row.
                     settled = Task()
                     settled.CopyFrom(task)
                     self._live[key] = settled
-                raise
+                # The SDK hands str(exc) to the caller: give it our sentence, not the SQL.
+                logger.error("task store write failed task=%s: %s", task.id, exc)
+                raise TaskStoreError(
+                    "the agent could not save this task (its task database is full or not writable); "
+                    "see the agent's log"
+                ) from None
         if in_flight:
             snapshot = Task()
             snapshot.CopyFrom(task)  # the SDK keeps mutating the object it passed us

@@ -530,6 +530,7 @@ async def test_full_state_dir_mid_run_fails_clearly_without_corruption_then_reco
                 told.append(disk_full_outcome(outcome))
             assert time.monotonic() - started < DISK_BOUND_S * 2
             assert all("full" in text for text in told), told
+            assert not any("sqlalche" in text or "OperationalError" in text for text in told), told
             filler.unlink()
             for context, text in (("disk-b", "four"), ("disk-a", "five"), ("disk-c", "six")):
                 items = await send(client, user_message(text, context_id=context))

@@ -238,6 +238,18 @@ def test_doctor_passes_on_scripted_endpoint_and_fails_without_provider(launcher)
 # --------------------------------------------------------------------------- serving
 
 
+def test_serve_with_a_bad_model_exits_1_with_the_preflight_message_and_no_traceback(launcher):
+    env = {k: v for k, v in _env().items() if "API_KEY" not in k and "OPENAI" not in k}
+    bad = subprocess.run(
+        [CLI, "serve", "--model", "anthropic:claude-opus-4-7", "--port", str(_free_port()),
+         "--state-dir", str(launcher.state_dir), "--workdir", str(launcher.workspace)],
+        capture_output=True, text=True, timeout=60, check=False, cwd=launcher.tmp_path, env=env,
+    )
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "preflight failed" in bad.stderr and "anthropic:claude-opus-4-7" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr, bad.stderr
+
+
 async def test_serve_end_to_end_v1_streaming_non_streaming_and_v03(launcher):
     served = launcher.start()
     async with httpx.AsyncClient(base_url=served.url, timeout=CLIENT_TIMEOUT_S) as http:
