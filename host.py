@@ -5,8 +5,9 @@ server around the same executor. Route order matters: card first, then JSON-RPC 
 then our own routes (a REST catch-all would shadow everything after it, so we serve none).
 
 Auth: with tokens configured, every request but the card and the health check needs
-``Authorization: Bearer <token>``; each token is its own caller, and the task store scopes
-tasks per caller, so one caller can neither read nor cancel another's tasks.
+``Authorization: Bearer <token>``; each token is its own caller. The task store scopes tasks
+per caller and the executor scopes conversations per caller, so one caller can neither read nor
+cancel another's tasks, nor join another's codex thread by reusing its context id.
 """
 
 from __future__ import annotations
