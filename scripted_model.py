@@ -518,6 +518,9 @@ class _Server(http.server.HTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    #: http.server's default backlog is 5; 50 codex connections at once overflow it and, with
+    #: retries off in tests, fail turns with "error sending request". A real endpoint takes more.
+    request_queue_size = 256
 
     def __init__(self, model: ScriptedModel) -> None:
         self.model = model

@@ -115,6 +115,7 @@ class TurnState:
     trace_dropped: int = 0
     failure: TurnFailure | None = None
     _messages: dict[str, str] = field(default_factory=dict)  # itemId -> text, in arrival order
+    _completed: set[str] = field(default_factory=set)  # agent messages codex finished (item/completed)
     _open_items: dict[str, str] = field(default_factory=dict)  # itemId -> item type
     _commands: list[tuple[str, int | None]] = field(default_factory=list)
     _files: list[str] = field(default_factory=list)
@@ -195,6 +196,7 @@ class TurnState:
             text = str(item.get("text") or "")
             known = item_id in self._messages
             self._messages[item_id] = text
+            self._completed.add(item_id)
             return [] if known or not text else [MessageStarted(item_id), TextDelta(item_id, text)]
         if item_type == "commandExecution":
             command = str(item.get("command", ""))
@@ -231,6 +233,7 @@ class TurnState:
         for item in turn.get("items") or []:
             if isinstance(item, Mapping) and item.get("type") == "agentMessage" and item.get("text"):
                 self._messages[str(item.get("id", ""))] = str(item["text"])
+                self._completed.add(str(item.get("id", "")))
         self._open_items.clear()
         if self.status == "failed":
             error = turn.get("error")
@@ -239,8 +242,13 @@ class TurnState:
                 self.failure = TurnFailure("codex reported the turn as failed without a reason", "codex")
 
     def text(self) -> str:
-        """The reply: every agent message of the turn, in order, separated by a blank line."""
-        return "\n\n".join(text for text in self._messages.values() if text)
+        """The reply: the turn's agent messages, in order, separated by a blank line.
+
+        A message codex never completed was abandoned (a steer or a second ``turn/start``
+        aborts the stream and re-samples), so it is left out whenever a completed one exists.
+        """
+        finished = [text for item_id, text in self._messages.items() if item_id in self._completed and text]
+        return "\n\n".join(finished or [text for text in self._messages.values() if text])
 
     def answer(self) -> str:
         """The reply, or a summary of the tool work when the agent wrote no text."""

@@ -44,7 +44,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 from a2a.server.agent_execution import RequestContext
@@ -52,7 +51,6 @@ from a2a.server.context import ServerCallContext
 from a2a.types import CancelTaskRequest, GetTaskRequest, TaskState
 from a2a_rig import Call, final_answer, final_message, serve_codex, status_texts, terminal_state, user_message
 
-import scripted_model
 from app_server import _descendants
 from executor import ActiveTurn, CodexExecutor, ExecutorOptions, Publisher
 from scripted_model import RecordedRequest, ScriptedModel, default_responder
@@ -440,9 +438,7 @@ async def soak(
     for server in (QUEUE, STEER):
         (tmp_path / server).mkdir(exist_ok=True)
     started = time.monotonic()
-    # http.server listens with a backlog of 5: 50 codex connections at once overflow it, and codex,
-    # with retries off in tests, fails the turn ("error sending request"). A real endpoint has more.
-    with mock.patch.object(scripted_model._Server, "request_queue_size", 128), ScriptedModel() as model:
+    with ScriptedModel() as model:
         async with (
             serve_codex(tmp_path / QUEUE, model, on_busy="queue", stream_idle_timeout_ms=30000) as queue_server,
             serve_codex(tmp_path / STEER, model, on_busy="steer", stream_idle_timeout_ms=30000) as steer_server,
