@@ -58,6 +58,12 @@ ENDPOINT_PROVIDER = "endpoint"
 #: and seeds already written to auth.json. The provider's own key variable is kept.
 _SECRET_ENV = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|AUTH_JSON|_KEY$|API_KEY)", re.IGNORECASE)
 CONFIG_FIX = "fix or remove the unknown key outside the managed block of $CODEX_HOME/config.toml"
+#: Our modules' loggers (module-level names: the layout is flat, so there is no common parent).
+OUR_LOGGERS = (
+    "adapter", "app_server", "codex_binary", "codex_config", "conversations", "executor", "host", "inputs",
+    "preflight", "providers", "runtime_seam", "server_requests", "settings", "transcript", "turn",
+)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Hooks into the platform heartbeat must never hold up a turn.
 HOOK_TIMEOUT_S = 5.0
 
@@ -85,6 +91,27 @@ class _Prepared:
     workspace: Path
     state_dir: Path
     sandbox: str = "workspace-write"
+
+
+def attach_log_handler(env: Mapping[str, str], root: logging.Logger | None = None) -> bool:
+    """Give our loggers a stderr handler when nobody configured logging (the runtime does not).
+
+    Without it every INFO line (turn start/end, restarts, preflight) is dropped under the
+    platform. Level: ``MOLECULE_CODEX_LOG_LEVEL``, else ``LOG_LEVEL``, else INFO. Returns whether
+    a handler was attached; a configured root logger is left to do its job.
+    """
+    root = root or logging.getLogger()
+    if root.handlers:
+        return False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    level = (env.get("MOLECULE_CODEX_LOG_LEVEL") or env.get("LOG_LEVEL") or "INFO").upper()
+    for name in OUR_LOGGERS:
+        module_logger = logging.getLogger(name)
+        if not module_logger.handlers:
+            module_logger.addHandler(handler)
+            module_logger.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
+    return True
 
 
 def child_env(env: Mapping[str, str], keep: set[str]) -> dict[str, str]:
@@ -289,6 +316,7 @@ class CodexAdapter(BaseAdapter):
     async def setup(self, config: AdapterConfig) -> None:
         """Preflight (raise with every failure), write auth and config, start codex warm."""
         self._heartbeat = config.heartbeat
+        attach_log_handler(self._env)
         report = await self.preflight(config, validate_config=False, probe_sandbox=False)
         for result in report.results:
             logger.info("preflight %s: %s %s", "PASS" if result.ok else "FAIL", result.name, result.detail)

@@ -382,3 +382,25 @@ def test_repo_config_yaml_matches_schema():
     ids = [entry["id"] for entry in runtime_config["models"]]
     assert ids
     assert runtime_config["model"] in ids
+
+
+def test_our_loggers_get_a_handler_only_when_nobody_configured_logging(monkeypatch):
+    import logging
+
+    from adapter import OUR_LOGGERS, attach_log_handler
+
+    configured = logging.Logger("configured-root")
+    configured.addHandler(logging.NullHandler())
+    assert attach_log_handler({}, root=configured) is False
+
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in OUR_LOGGERS}
+    try:
+        for name in OUR_LOGGERS:
+            monkeypatch.setattr(logging.getLogger(name), "handlers", [])
+        assert attach_log_handler({"LOG_LEVEL": "debug"}, root=logging.Logger("bare-root")) is True
+        executor_logger = logging.getLogger("executor")
+        assert executor_logger.handlers and executor_logger.level == logging.DEBUG
+    finally:
+        for name, (handlers, level) in saved.items():
+            logging.getLogger(name).handlers = handlers
+            logging.getLogger(name).setLevel(level)
