@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -76,6 +77,8 @@ ORPHAN_EVENTS_PER_THREAD = 2048
 #: A subscriber that falls this far behind loses its oldest events (logged).
 SUBSCRIPTION_BUFFER = 100_000
 
+#: codex colours its stderr log lines; our log wants plain, greppable text.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 #: Notifications we never want (chatty, unused).
 OPTED_OUT_NOTIFICATIONS = ("account/rateLimits/updated", "remoteControl/status/changed")
 
@@ -293,7 +296,6 @@ class AppServer:
         self._exit: AppServerExited | None = AppServerExited("not started")
         self._started_at: float | None = None
         self._closed = False
-        self._stopping: set[int] = set()  # pids we are stopping on purpose
         self.generation = 0
         self.init_result: Mapping[str, Any] = {}
         self.codex_version: tuple[int, int, int] | None = None
@@ -445,7 +447,6 @@ class AppServer:
         proc = self._proc
         if proc is None:
             return
-        self._stopping.add(proc.pid)
         if self._exit is None:
             # No longer "running" while it stops (seconds, for a hung child): ensure_running() callers
             # wait for the replacement instead of sending requests the stop is about to fail.
@@ -471,7 +472,6 @@ class AppServer:
         self._child_tasks = []
         if proc.stdin is not None:
             proc.stdin.close()
-        self._stopping.discard(proc.pid)
         if proc.returncode is not None:
             logger.info("codex app-server pid=%d stopped (%s) rc=%s", proc.pid, reason, proc.returncode)
 
@@ -675,7 +675,7 @@ class AppServer:
                 continue
             if not line:
                 return
-            text = line.decode(errors="replace").rstrip()[:STDERR_LINE_CHARS]
+            text = _ANSI_ESCAPE.sub("", line.decode(errors="replace")).rstrip()[:STDERR_LINE_CHARS]
             if text:
                 self._stderr_tail.append(text)
                 logger.info("codex stderr: %s", text)
@@ -688,8 +688,8 @@ class AppServer:
         await self._on_channel_closed(proc, "exited")
 
     async def _on_channel_closed(self, proc: asyncio.subprocess.Process, reason: str) -> None:
-        if proc is not self._proc or self._exit is not None or proc.pid in self._stopping:
-            return  # not current, already handled, or a stop we asked for (_stop_child reports it)
+        if proc is not self._proc or self._exit is not None:
+            return  # not current, or already handled (a stop we asked for sets _exit first)
         if proc.returncode is None:
             await _wait_exit(proc, EXIT_CODE_GRACE_S)
         if proc is not self._proc or self._exit is not None:

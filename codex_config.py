@@ -465,13 +465,17 @@ def read_config_toml(codex_home: Path) -> str | None:
 # ----------------------------------------------------------------------------- validation
 
 
+#: codex's own tracing log lines (``2026-11-21T19:27:14.929022Z ERROR …``): noise, not the config error.
+_TRACING_LINE = re.compile(r"^\s*\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}")
+
+
 def config_error_text(stderr: str) -> str:
     """Codex's own error message without log noise or a backtrace."""
     lines = []
     for line in stderr.splitlines():
         if line.startswith("Stack backtrace:"):
             break
-        if "could not create PATH aliases" in line or "\x1b[" in line:
+        if "could not create PATH aliases" in line or "\x1b[" in line or _TRACING_LINE.match(line):
             continue
         lines.append(line.rstrip())
     text = "\n".join(lines).strip()
