@@ -548,7 +548,7 @@ def settings_from_sources(
         provider=provider,
         allow_any_model=allow_any_model,
     )
-    if models and values["model"] not in {choice.id for choice in models}:
+    if models and not allow_any_model and values["model"] not in {choice.id for choice in models}:
         logger.warning("runtime_config.model %r is not among runtime_config.models", values["model"])
     if "cwd" in values:
         values["cwd"] = Path(os.path.expanduser(values["cwd"])).absolute()
