@@ -451,7 +451,7 @@ class AppServer:
             # No longer "running" while it stops (seconds, for a hung child): ensure_running() callers
             # wait for the replacement instead of sending requests the stop is about to fail.
             self._exit = AppServerExited(reason)
-        descendants = _descendants(proc.pid)
+        children = descendants(proc.pid)
         if proc.returncode is None:
             if proc.stdin is not None and not proc.stdin.is_closing():
                 proc.stdin.close()
@@ -462,7 +462,7 @@ class AppServer:
                     await _wait_exit(proc, CLOSE_KILL_WAIT_S)
         # Commands codex started may outlive it (an interrupt does not kill them).
         _signal_group(proc.pid, signal.SIGKILL)
-        for pid in descendants:
+        for pid in children:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         self._fail_all(AppServerExited(reason, proc.returncode, self.stderr_tail()))
@@ -733,7 +733,7 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
     """Pids below ``root`` (Linux /proc), so children that left the process group die too."""
     children: dict[int, list[int]] = {}
     try:

@@ -36,11 +36,12 @@ DEFAULT_PORT = 8000
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 #: uvicorn's wait for open connections once turns were interrupted (they end within ~1 s).
 GRACEFUL_HTTP_SHUTDOWN_S = 3
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def configure_logging(level: str) -> None:
     """One handler on the root logger; the runtime never configures logging, so we do."""
+    from adapter import LOG_FORMAT  # every command but --version loads the stack anyway
+
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
     # a2a-sdk's optional OpenTelemetry hooks cost ~1 ms per request and log noise on errors.
     os.environ.setdefault("OTEL_INSTRUMENTATION_A2A_SDK_ENABLED", "false")
@@ -150,22 +151,28 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
 
-@contextlib.asynccontextmanager
-async def serving(args: argparse.Namespace, *, env: dict[str, str] | None = None) -> AsyncIterator[Running]:
-    """Preflight, build and start the whole stack on ``args.host:args.port``; stop it on exit."""
-    from adapter import CodexAdapter, HostOptions  # import late: --version must not need the stack
-    from host import build_agent_card, build_app, create_task_store, running_server, task_store_url
+def host_options_from(args: argparse.Namespace, env: dict[str, str]) -> Any:
+    """The adapter's HostOptions from the shared command-line flags (serve, doctor, demo)."""
+    from adapter import HostOptions
 
-    env = dict(os.environ if env is None else env)
-    state_dir = (args.state_dir or default_state_dir(env)).expanduser().resolve()
-    host_options = HostOptions(
-        state_dir=state_dir,
+    return HostOptions(
+        state_dir=(args.state_dir or default_state_dir(env)).expanduser().resolve(),
         workspace=(args.workdir or Path.cwd()).expanduser().resolve(),
         base_url=args.base_url,
         api_key_env=args.api_key_env,
         model=args.model,
         env=env,
     )
+
+
+@contextlib.asynccontextmanager
+async def serving(args: argparse.Namespace, *, env: dict[str, str] | None = None) -> AsyncIterator[Running]:
+    """Preflight, build and start the whole stack on ``args.host:args.port``; stop it on exit."""
+    from adapter import CodexAdapter  # import late: --version must not need the stack
+    from host import build_agent_card, build_app, create_task_store, running_server, task_store_url
+
+    host_options = host_options_from(args, dict(os.environ if env is None else env))
+    state_dir = host_options.state_dir
     adapter = CodexAdapter(host=host_options)
     config = adapter.standalone_config(args.config)
     await adapter.setup(config)
@@ -213,14 +220,9 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _doctor(args: argparse.Namespace) -> int:
-    from adapter import CodexAdapter, HostOptions
+    from adapter import CodexAdapter
 
-    env = dict(os.environ)
-    state_dir = (args.state_dir or default_state_dir(env)).expanduser().resolve()
-    adapter = CodexAdapter(host=HostOptions(
-        state_dir=state_dir, workspace=(args.workdir or Path.cwd()).expanduser().resolve(),
-        base_url=args.base_url, api_key_env=args.api_key_env, model=args.model, env=env,
-    ))
+    adapter = CodexAdapter(host=host_options_from(args, dict(os.environ)))
     report = await adapter.preflight(adapter.standalone_config(args.config))
     print(report.render())
     print("credentials: " + ", ".join(f"{name}={state}" for name, state in adapter.credential_report().items()))

@@ -251,8 +251,7 @@ class CodexExecutor(AgentExecutor):
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         """Run one A2A message as a codex turn; always ends the task in a terminal state."""
         task_id = context.task_id or str(uuid.uuid4())
-        # A follow-up without contextId gets a fresh random one from the SDK; the stored task knows better.
-        context_id = context.current_task.context_id if context.current_task else (context.context_id or task_id)
+        context_id = _context_id(context, task_id)
         publisher = Publisher(event_queue, task_id, context_id)
         try:
             if context.current_task is None:
@@ -279,7 +278,7 @@ class CodexExecutor(AgentExecutor):
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         """Interrupt the codex turn (or drop the queued message) and publish CANCELED ourselves."""
         task_id = context.task_id or ""
-        context_id = context.current_task.context_id if context.current_task else (context.context_id or task_id)
+        context_id = _context_id(context, task_id)
         turn = self._turns.get(task_id)
         if turn is None or turn.publisher.terminal:
             # Already answered (or not started here): CANCELED now would overwrite the stored result.
@@ -294,7 +293,7 @@ class CodexExecutor(AgentExecutor):
             turn.worker.cancel()  # still queued: it never starts
         logger.info("turn cancel task=%s context=%s started=%s", task_id, context_id, turn.started)
         publisher = Publisher(event_queue, task_id, context_id)
-        await publisher.finish(TurnResult(TaskState.TASK_STATE_CANCELED, "Canceled by request."))
+        await publisher.finish(_canceled())
 
     # ------------------------------------------------------------------ ordering per conversation
 
@@ -488,7 +487,7 @@ class CodexExecutor(AgentExecutor):
             pass  # late events of earlier turns (e.g. a command that outlived its turn)
         if turn.cancel_requested:
             # Canceled while codex restarted or the thread loaded: the message never reaches codex.
-            return TurnResult(TaskState.TASK_STATE_CANCELED, "Canceled by request.")
+            return _canceled()
         params: dict[str, Any] = {"threadId": conversation.thread_id, "input": codex_input.items}
         if message_id:
             params["clientUserMessageId"] = message_id
@@ -600,7 +599,7 @@ class CodexExecutor(AgentExecutor):
             return TurnResult(TaskState.TASK_STATE_COMPLETED, state.answer(), metadata)
         if state.status == "interrupted":
             if turn.cancel_requested:
-                return TurnResult(TaskState.TASK_STATE_CANCELED, "Canceled by request.", metadata)
+                return _canceled(metadata)
             reason = turn.stop_reason or "codex interrupted the turn"
             return TurnResult(TaskState.TASK_STATE_FAILED, f"The turn was stopped: {reason}.", metadata)
         failure = state.failure
@@ -784,6 +783,16 @@ def _being_cancelled() -> bool:
     """Whether the running asyncio task itself has a cancel request (not just something it awaited)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _context_id(context: RequestContext, task_id: str) -> str:
+    """The task's conversation: a follow-up without contextId gets a fresh random one from the SDK,
+    so the stored task knows better."""
+    return context.current_task.context_id if context.current_task else (context.context_id or task_id)
+
+
+def _canceled(metadata: dict[str, Any] | None = None) -> TurnResult:
+    return TurnResult(TaskState.TASK_STATE_CANCELED, "Canceled by request.", metadata or {})
 
 
 def _failed(text: str) -> TurnResult:

@@ -131,6 +131,13 @@ def _unauthorized(_conn: HTTPConnection, exc: Exception) -> Response:
     )
 
 
+def _copy(task: Task) -> Task:
+    """A deep copy: stored versions must not change when a caller mutates its object."""
+    copy = Task()
+    copy.CopyFrom(task)
+    return copy
+
+
 class TaskStoreError(RuntimeError):
     """A task could not be written; the text is what the A2A caller sees."""
 
@@ -159,9 +166,7 @@ class TaskStore(DatabaseTaskStore):
                 if not in_flight:
                     # Settled but not written (disk full, read-only): readers get the outcome, not the last
                     # in-flight version forever; after a restart fail_unfinished settles the row.
-                    settled = Task()
-                    settled.CopyFrom(task)
-                    self._live[key] = settled
+                    self._live[key] = _copy(task)
                 # The SDK hands str(exc) to the caller: give it our sentence, not the SQL.
                 logger.error("task store write failed task=%s: %s", task.id, exc)
                 raise TaskStoreError(
@@ -169,9 +174,7 @@ class TaskStore(DatabaseTaskStore):
                     "see the agent's log"
                 ) from None
         if in_flight:
-            snapshot = Task()
-            snapshot.CopyFrom(task)  # the SDK keeps mutating the object it passed us
-            self._live[key] = snapshot
+            self._live[key] = _copy(task)  # the SDK keeps mutating the object it passed us
         else:
             self._live.pop(key, None)
 
@@ -179,9 +182,7 @@ class TaskStore(DatabaseTaskStore):
         live = self._live.get((self.owner_resolver(context), task_id))
         if live is None:
             return await super().get(task_id, context)
-        snapshot = Task()
-        snapshot.CopyFrom(live)
-        return snapshot
+        return _copy(live)
 
     async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
         response = await super().list(params, context)

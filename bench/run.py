@@ -46,7 +46,7 @@ import httpx  # noqa: E402
 from a2a.client import ClientCallContext, ClientConfig, create_client  # noqa: E402
 from a2a.types import Message, Part, Role, SendMessageRequest, TaskState  # noqa: E402
 
-from app_server import AppServer, ThreadSubscription  # noqa: E402
+from app_server import AppServer, ThreadSubscription, descendants  # noqa: E402
 from codex_binary import resolve_codex_binary  # noqa: E402
 from scripted_model import (  # noqa: E402
     SCRIPTED_API_KEY_ENV,
@@ -145,24 +145,8 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
 def tree_rss_mb(pid: int | None) -> float:
-    return sum(rss_mb(p) for p in descendants(pid)) if pid else 0.0
+    return sum(rss_mb(p) for p in (pid, *descendants(pid))) if pid else 0.0
 
 
 def find_request(model: ScriptedModel, marker: str) -> RecordedRequest:

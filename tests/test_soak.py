@@ -51,7 +51,7 @@ from a2a.server.context import ServerCallContext
 from a2a.types import CancelTaskRequest, GetTaskRequest, TaskState
 from a2a_rig import Call, final_answer, final_message, serve_codex, status_texts, terminal_state, user_message
 
-from app_server import _descendants
+from app_server import descendants
 from executor import ActiveTurn, CodexExecutor, ExecutorOptions, Publisher
 from scripted_model import RecordedRequest, ScriptedModel, default_responder
 
@@ -205,7 +205,7 @@ def _pipes(pid: int | str) -> int:
 def _sample(apps: dict[str, Any]) -> Sample:
     gc.collect()
     pids: dict[str, list[int]] = {
-        server: [app.pid, *_descendants(app.pid)] if app.pid else [] for server, app in apps.items()
+        server: [app.pid, *descendants(app.pid)] if app.pid else [] for server, app in apps.items()
     }
     everything = [pid for server_pids in pids.values() for pid in server_pids]
     by_server = {server: sum(_rss_mb(pid) for pid in server_pids) for server, server_pids in pids.items()}
