@@ -29,10 +29,11 @@ RUN if [ -n "${RUNTIME_VERSION}" ]; then \
         pip install --no-cache-dir -r requirements.txt; \
     fi
 
-# The project: its modules stay importable from /app (ADAPTER_MODULE=adapter, PYTHONPATH=/app) and
-# `pip install /app` brings its dependencies, the pinned codex wheel among them.
-COPY pyproject.toml README.md config.yaml start.sh ./
-COPY *.py ./
+# The project: the package is installed (with its dependencies, the pinned codex wheel among them);
+# the root adapter.py/executor.py/app_server.py stay importable from /app (ADAPTER_MODULE=adapter,
+# PYTHONPATH=/app) as aliases of the package's modules.
+COPY pyproject.toml README.md config.yaml start.sh adapter.py executor.py app_server.py ./
+COPY molecule_codex/ ./molecule_codex/
 RUN pip install --no-cache-dir /app \
     && rm -rf /app/build /app/*.egg-info \
     && chmod 0755 /app/start.sh

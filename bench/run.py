@@ -46,9 +46,9 @@ import httpx  # noqa: E402
 from a2a.client import ClientCallContext, ClientConfig, create_client  # noqa: E402
 from a2a.types import Message, Part, Role, SendMessageRequest, TaskState  # noqa: E402
 
-from app_server import AppServer, ThreadSubscription, descendants  # noqa: E402
-from codex_binary import resolve_codex_binary  # noqa: E402
-from scripted_model import (  # noqa: E402
+from molecule_codex.app_server import AppServer, ThreadSubscription, descendants  # noqa: E402
+from molecule_codex.codex_binary import resolve_codex_binary  # noqa: E402
+from molecule_codex.demo.scripted_model import (  # noqa: E402
     SCRIPTED_API_KEY_ENV,
     RecordedRequest,
     ScriptedModel,
@@ -249,7 +249,7 @@ class _FloorExecutor:
     """The a2a-sdk path with no codex: the same five events our executor publishes for a reply."""
 
     async def execute(self, context: Any, event_queue: Any) -> None:
-        from executor import Publisher, TurnResult
+        from molecule_codex.executor import Publisher, TurnResult
 
         publisher = Publisher(event_queue, context.task_id, context.context_id)
         await publisher.task(context.message)
@@ -265,7 +265,7 @@ async def measure_sdk_floor(root: Path, turns: int) -> list[float]:
     """Round trips through the same host, task store and client, with a trivial executor."""
     import uvicorn
 
-    from host import build_agent_card, build_app, create_task_store, running_server, task_store_url
+    from molecule_codex.host import build_agent_card, build_app, create_task_store, running_server, task_store_url
 
     store = create_task_store(task_store_url(root / "floor-state", None))
     card = build_agent_card("http://127.0.0.1:0/", name="floor", description="sdk floor", version="0")
@@ -293,7 +293,7 @@ def measure_serve_imports() -> float:
     """Seconds a fresh interpreter takes to import the serve stack (median of three)."""
     import subprocess
 
-    code = "import time; t=time.perf_counter(); import cli, adapter, host; print(time.perf_counter()-t)"
+    code = "import time; t=time.perf_counter(); import molecule_codex.cli, molecule_codex.adapter, molecule_codex.host; print(time.perf_counter()-t)"
     runs = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                  cwd=ROOT).stdout) for _ in range(3)]
     return statistics.median(runs)
@@ -302,9 +302,11 @@ def measure_serve_imports() -> float:
 async def measure_cold_start(root: Path, model: ScriptedModel, env: dict[str, str],
                              task_store: str | None = None) -> tuple[Any, float]:
     """Served: serving() entered → first reply, modules already imported (imports are measured apart)."""
-    import adapter  # noqa: F401 - the import cost is reported as serve_import_ms
-    import host  # noqa: F401
-    from cli import DEFAULT_CONFIG, serving
+    from molecule_codex import (
+        adapter,  # noqa: F401 - the import cost is reported as serve_import_ms
+        host,  # noqa: F401
+    )
+    from molecule_codex.standalone import DEFAULT_CONFIG, serving
 
     workspace = root / "workspace"
     workspace.mkdir(exist_ok=True)

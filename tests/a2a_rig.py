@@ -21,11 +21,11 @@ from a2a.client import ClientCallContext, ClientConfig, create_client
 from a2a.client.client import Client
 from a2a.types import Message, Part, Role, SendMessageRequest, StreamResponse
 
-from app_server import AppServer, RestartBackoff
-from conversations import ConversationStore
-from executor import CodexExecutor, ExecutorOptions, TurnHooks
-from host import build_agent_card, build_app, create_task_store, task_store_url
-from scripted_model import SCRIPTED_API_KEY_ENV, ScriptedModel, write_codex_config
+from molecule_codex.app_server import AppServer, RestartBackoff
+from molecule_codex.conversations import ConversationStore
+from molecule_codex.demo.scripted_model import SCRIPTED_API_KEY_ENV, ScriptedModel, write_codex_config
+from molecule_codex.executor import CodexExecutor, ExecutorOptions, TurnHooks
+from molecule_codex.host import build_agent_card, build_app, create_task_store, task_store_url
 
 #: Generous per-call client timeout: the SDK default (5 s) is shorter than some test turns.
 CLIENT_TIMEOUT_S = 60.0

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app_server import AppServer, Notification, ThreadSubscription
-from scripted_model import SCRIPTED_API_KEY_ENV, ScriptedModel, write_codex_config
+from molecule_codex.app_server import AppServer, Notification, ThreadSubscription
+from molecule_codex.demo.scripted_model import SCRIPTED_API_KEY_ENV, ScriptedModel, write_codex_config
 
 #: Bound on one turn from turn/start to turn/completed against the instant scripted model.
 TURN_TIMEOUT_S = 15.0

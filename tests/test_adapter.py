@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -16,11 +17,11 @@ import yaml
 from a2a_rig import final_answer, send, user_message
 from fake_runtime import use_fake_runtime, without_runtime
 
-import adapter as adapter_module
-import settings
-from adapter import Adapter, CodexAdapter, HostOptions
-from host import build_agent_card, build_app, create_task_store, running_server, task_store_url
-from scripted_model import SCRIPTED_API_KEY_ENV, ScriptedModel, Text, ToolCall
+from molecule_codex import adapter as adapter_module
+from molecule_codex import settings
+from molecule_codex.adapter import Adapter, CodexAdapter, HostOptions
+from molecule_codex.demo.scripted_model import SCRIPTED_API_KEY_ENV, ScriptedModel, Text, ToolCall
+from molecule_codex.host import build_agent_card, build_app, create_task_store, running_server, task_store_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECRETS = ("k-secret-value", "platform-token-SECRET", "sk-SECRET-XYZ")
@@ -336,7 +337,7 @@ async def test_hooks_go_through_the_fake_runtime():
         from molecule_runtime.executor_helpers import CURRENT_TASK_CALLS
         from molecule_runtime.runtime_wedge import is_wedged
 
-        import adapter as fresh
+        fresh = importlib.import_module("molecule_codex.adapter")
 
         assert seam.RUNTIME_AVAILABLE
         assert molecule_runtime.FAKE_RUNTIME
@@ -361,7 +362,7 @@ async def test_hooks_go_through_the_fake_runtime():
 
 def test_without_runtime_uses_local_base_adapter():
     with without_runtime("adapter") as seam:
-        import adapter as fresh
+        fresh = importlib.import_module("molecule_codex.adapter")
 
         assert not seam.RUNTIME_AVAILABLE
         assert issubclass(fresh.CodexAdapter, seam._LocalBaseAdapter)
@@ -387,20 +388,20 @@ def test_repo_config_yaml_matches_schema():
 def test_our_loggers_get_a_handler_only_when_nobody_configured_logging(monkeypatch):
     import logging
 
-    from adapter import OUR_LOGGERS, attach_log_handler
+    from molecule_codex.adapter import PACKAGE_LOGGER, attach_log_handler
 
     configured = logging.Logger("configured-root")
     configured.addHandler(logging.NullHandler())
     assert attach_log_handler({}, root=configured) is False
 
-    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in OUR_LOGGERS}
+    package_logger = logging.getLogger(PACKAGE_LOGGER)
+    saved = (package_logger.handlers[:], package_logger.level)
     try:
-        for name in OUR_LOGGERS:
-            monkeypatch.setattr(logging.getLogger(name), "handlers", [])
+        monkeypatch.setattr(package_logger, "handlers", [])
         assert attach_log_handler({"LOG_LEVEL": "debug"}, root=logging.Logger("bare-root")) is True
-        executor_logger = logging.getLogger("executor")
-        assert executor_logger.handlers and executor_logger.level == logging.DEBUG
+        assert package_logger.handlers
+        # every module's logger is a child of the package logger: it inherits handler and level
+        assert logging.getLogger("molecule_codex.executor").getEffectiveLevel() == logging.DEBUG
     finally:
-        for name, (handlers, level) in saved.items():
-            logging.getLogger(name).handlers = handlers
-            logging.getLogger(name).setLevel(level)
+        package_logger.handlers = saved[0]
+        package_logger.setLevel(saved[1])

@@ -20,10 +20,10 @@ from pathlib import Path
 import codex_rig as rig
 import pytest
 
-import codex_binary
-from app_server import AppServer, AppServerError, AppServerExited, ThreadSubscription
-from scripted_model import Hold, ScriptedModel, Text, ToolCall
-from server_requests import COMMAND_APPROVAL, Answer, PolicyCallable, ServerRequest, ServerRequestPolicy
+from molecule_codex import codex_binary
+from molecule_codex.app_server import AppServer, AppServerError, AppServerExited, ThreadSubscription
+from molecule_codex.demo.scripted_model import Hold, ScriptedModel, Text, ToolCall
+from molecule_codex.server_requests import COMMAND_APPROVAL, Answer, PolicyCallable, ServerRequest, ServerRequestPolicy
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -21,10 +21,16 @@ from typing import Any
 
 import pytest
 
-import app_server
-from app_server import AppServer, AppServerError, AppServerExited, AppServerTimeout, Notification
-from codex_binary import CodexBinary, CodexBinaryError
-from server_requests import COMMAND_APPROVAL, METHOD_NOT_HANDLED, Answer, ServerRequest, ServerRequestPolicy
+from molecule_codex import app_server
+from molecule_codex.app_server import AppServer, AppServerError, AppServerExited, AppServerTimeout, Notification
+from molecule_codex.codex_binary import CodexBinary, CodexBinaryError
+from molecule_codex.server_requests import (
+    COMMAND_APPROVAL,
+    METHOD_NOT_HANDLED,
+    Answer,
+    ServerRequest,
+    ServerRequestPolicy,
+)
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -132,7 +138,7 @@ async def test_unsupported_version_in_handshake_fails_start_and_leaves_no_child(
 async def test_garbage_line_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     scenario = {"garbage": [["this is not json {{{", result_line({"routed": True})]]}
     async with stub_server(tmp_path, scenario) as app:
-        with caplog.at_level(logging.WARNING, logger="app_server"):
+        with caplog.at_level(logging.WARNING, logger="molecule_codex.app_server"):
             assert await app.request("garbage") == {"routed": True}
         assert "malformed line" in caplog.text
         assert await app.request("after") == {"method": "after", "params": None}

@@ -32,8 +32,8 @@ from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from inputs import InputBuilder, InputError
-from scripted_model import ScriptedModel, Text
+from molecule_codex.demo.scripted_model import ScriptedModel, Text
+from molecule_codex.inputs import InputBuilder, InputError
 
 pytestmark = [pytest.mark.real_codex, pytest.mark.asyncio(loop_scope="module")]
 
@@ -194,9 +194,9 @@ async def rig(tmp_path_factory: pytest.TempPathFactory, model: ScriptedModel):
 @pytest.fixture(autouse=True)
 def no_internal_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Bad input is the caller's mistake: the executor must never report it as its own internal error."""
-    caplog.set_level(logging.ERROR, logger="executor")
+    caplog.set_level(logging.ERROR, logger="molecule_codex.executor")
     yield
-    internal = [r.getMessage() for r in caplog.records if r.name == "executor" and r.levelno >= logging.ERROR]
+    internal = [r.getMessage() for r in caplog.records if r.name == "molecule_codex.executor" and r.levelno >= logging.ERROR]
     assert not internal, internal
 
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import codex_config
-from codex_config import (
+from molecule_codex import codex_config
+from molecule_codex.codex_config import (
     BLOCK_BEGIN,
     BLOCK_END,
     SHELL_ENV_EXCLUDES,
@@ -25,8 +25,8 @@ from codex_config import (
     validate_config,
     write_config_toml,
 )
-from providers import ProviderEntry, ResolvedProvider
-from settings import Settings
+from molecule_codex.providers import ProviderEntry, ResolvedProvider
+from molecule_codex.settings import Settings
 
 OPENAI = ResolvedProvider(name="openai", kind="openai", credential_env_names=("OPENAI_API_KEY",))
 CHATGPT = ResolvedProvider(name="chatgpt", kind="chatgpt", credential_env_names=("CODEX_AUTH_JSON",))
@@ -176,7 +176,7 @@ def test_settings_change_replaces_our_block_only():
 
 
 def test_operator_keys_win(caplog):
-    caplog.set_level(logging.INFO, logger="codex_config")
+    caplog.set_level(logging.INFO, logger="molecule_codex.codex_config")
     operator = (
         'model = "gpt-6-luna"\n'
         "[features]\nplugins = true\n"
@@ -193,7 +193,7 @@ def test_operator_keys_win(caplog):
 
 
 def test_operator_inline_table_wins_whole(caplog):
-    caplog.set_level(logging.WARNING, logger="codex_config")
+    caplog.set_level(logging.WARNING, logger="molecule_codex.codex_config")
     config = parse(render_config_toml("features = { plugins = true }\n", settings(), OPENAI, None))
     assert config["features"] == {"plugins": True}
     assert any("cannot be extended" in r.getMessage() for r in caplog.records)
@@ -283,7 +283,7 @@ def test_platform_mcp_server_gets_only_the_platform_env(fake_runtime_package):
 
 
 def test_platform_mcp_server_needs_workspace_id(fake_runtime_package, caplog):
-    caplog.set_level(logging.WARNING, logger="codex_config")
+    caplog.set_level(logging.WARNING, logger="molecule_codex.codex_config")
     assert platform_mcp_server("/venv/bin/python", {"PLATFORM_URL": "http://p"}) is None
     assert any("WORKSPACE_ID" in r.getMessage() for r in caplog.records)
 
@@ -299,7 +299,7 @@ def test_no_platform_mcp_server_without_the_runtime(monkeypatch):
 @pytest.fixture(scope="module")
 def binary():
     """The pinned codex binary."""
-    import codex_binary
+    from molecule_codex import codex_binary
 
     return codex_binary.resolve_codex_binary()
 
@@ -345,7 +345,7 @@ def test_real_codex_rejects_chat_wire_api(binary, tmp_path):
 
 
 def test_validate_config_reports_a_missing_binary(tmp_path):
-    import codex_binary
+    from molecule_codex import codex_binary
 
     missing = codex_binary.CodexBinary(path=tmp_path / "no-codex", source="CODEX_BIN")
     error = validate_config(missing, tmp_path, {})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from settings import CONFIG_SCHEMA
+from molecule_codex.settings import CONFIG_SCHEMA
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -10,7 +10,7 @@ import pytest
 from a2a.types import CancelTaskRequest, SendMessageRequest, TaskState
 from a2a_rig import send, serve_codex, streamed_text, terminal_state, user_message
 
-from scripted_model import Hold, ScriptedModel, Text, ToolCall
+from molecule_codex.demo.scripted_model import Hold, ScriptedModel, Text, ToolCall
 
 pytestmark = pytest.mark.real_codex
 

@@ -25,7 +25,7 @@ from a2a_rig import (
 )
 from google.protobuf import struct_pb2
 
-from scripted_model import Hold, HttpError, ScriptedModel, Stall, StreamCut, Text, ToolCall
+from molecule_codex.demo.scripted_model import Hold, HttpError, ScriptedModel, Stall, StreamCut, Text, ToolCall
 
 pytestmark = pytest.mark.real_codex
 

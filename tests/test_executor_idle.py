@@ -10,7 +10,7 @@ import pytest
 from a2a.types import TaskState
 from a2a_rig import Call, send, serve_codex, terminal_state, user_message
 
-from scripted_model import Hold, ScriptedModel, Text
+from molecule_codex.demo.scripted_model import Hold, ScriptedModel, Text
 
 pytestmark = pytest.mark.real_codex
 

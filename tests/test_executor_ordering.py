@@ -21,7 +21,7 @@ from a2a_rig import (
     user_message,
 )
 
-from scripted_model import Hold, RecordedRequest, ScriptedModel, Text
+from molecule_codex.demo.scripted_model import Hold, RecordedRequest, ScriptedModel, Text
 
 pytestmark = pytest.mark.real_codex
 

@@ -9,7 +9,7 @@ import pytest
 from a2a.types import GetTaskRequest, TaskState
 from a2a_rig import send, serve_codex, user_message
 
-from scripted_model import HttpError, ScriptedModel, Text
+from molecule_codex.demo.scripted_model import HttpError, ScriptedModel, Text
 
 pytestmark = pytest.mark.real_codex
 

@@ -40,13 +40,12 @@ import pytest
 from a2a.types import GetTaskRequest, TaskState
 from a2a_rig import Call, final_answer, final_message, send, serve_codex, status_texts, terminal_state, user_message
 
-import runtime_seam
-from adapter import CodexAdapter, HostOptions
-from app_server import RestartBackoff
-from codex_binary import resolve_codex_binary
-from conversations import DB_FILENAME, ConversationStore, ConversationStoreError
-from preflight import PreflightError
-from scripted_model import (
+from molecule_codex import runtime_seam
+from molecule_codex.adapter import CodexAdapter, HostOptions
+from molecule_codex.app_server import RestartBackoff
+from molecule_codex.codex_binary import resolve_codex_binary
+from molecule_codex.conversations import DB_FILENAME, ConversationStore, ConversationStoreError
+from molecule_codex.demo.scripted_model import (
     SCRIPTED_API_KEY_ENV,
     Hold,
     HttpError,
@@ -57,6 +56,7 @@ from scripted_model import (
     Text,
     default_responder,
 )
+from molecule_codex.preflight import PreflightError
 
 pytestmark = pytest.mark.real_codex
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from codex_binary import resolve_codex_binary
-from preflight import PreflightError, PreflightReport, SandboxProbe, probe_sandbox, resolve_sandbox
+from molecule_codex.codex_binary import resolve_codex_binary
+from molecule_codex.preflight import PreflightError, PreflightReport, SandboxProbe, probe_sandbox, resolve_sandbox
 
 
 def _never_called() -> SandboxProbe:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-import providers
-from providers import (
+from molecule_codex import providers
+from molecule_codex.providers import (
     ProviderEntry,
     ProviderError,
     ResolvedProvider,
@@ -27,7 +27,7 @@ from providers import (
     write_api_key_auth,
     write_auth_json,
 )
-from settings import Settings
+from molecule_codex.settings import Settings
 
 SECRET = "sk-test-not-a-real-key-7f3a"
 CHATGPT_LOGIN = {
@@ -170,7 +170,7 @@ def test_reserved_provider_names_are_refused(name):
 
 
 def test_provider_entry_defaults_and_unknown_keys(caplog):
-    caplog.set_level(logging.WARNING, logger="providers")
+    caplog.set_level(logging.WARNING, logger="molecule_codex.providers")
     entries = parse_providers(
         {"gw": {"base_url": "https://gw.example/v1", "env_key": "GW_KEY", "query_params": {"v": 1}, "typo": 1}}
     )
@@ -255,7 +255,7 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
     ],
 )
 def test_seed_never_clobbers_a_newer_login(tmp_path, caplog, on_disk, seed, written):
-    caplog.set_level(logging.INFO, logger="providers")
+    caplog.set_level(logging.INFO, logger="molecule_codex.providers")
     (tmp_path / "auth.json").write_text(json.dumps(login(on_disk, refresh_token="rt-disk")))
     assert write_auth_json(tmp_path, json.dumps(login(seed, refresh_token="rt-seed"))) is written
     token = json.loads((tmp_path / "auth.json").read_text())["tokens"]["refresh_token"]
@@ -288,7 +288,7 @@ def test_unreadable_on_disk_login_is_replaced(tmp_path):
 
 
 def test_api_key_login_matches_codex_login_format(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="providers")
+    caplog.set_level(logging.INFO, logger="molecule_codex.providers")
     assert write_api_key_auth(tmp_path / "home", SECRET) is True
     path = tmp_path / "home" / "auth.json"
     assert json.loads(path.read_text()) == {"auth_mode": "apikey", "OPENAI_API_KEY": SECRET}
@@ -301,7 +301,7 @@ def test_api_key_login_matches_codex_login_format(tmp_path, caplog):
 
 
 def test_api_key_replaces_chatgpt_login_with_a_warning(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="providers")
+    caplog.set_level(logging.WARNING, logger="molecule_codex.providers")
     put_auth(tmp_path, "chatgpt")
     assert write_api_key_auth(tmp_path, SECRET) is True
     assert providers.auth_json_kind(tmp_path) == "apikey"
@@ -380,8 +380,7 @@ def _first_authorization(
     With ``settings`` and ``resolved`` the config.toml is ours (rendered by codex_config) plus the
     operator-style ``openai_base_url`` line; otherwise it is that line alone.
     """
-    import codex_binary
-    import codex_config
+    from molecule_codex import codex_binary, codex_config
 
     handler = type("Recorder", (_Recorder,), {"seen": [], "arrived": threading.Event()})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)

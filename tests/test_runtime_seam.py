@@ -25,7 +25,7 @@ from fake_runtime import FAKE_RUNTIME_DIR, REPO_ROOT, fake_runtime_env, use_fake
 # Runs in a child interpreter; prints what the seam chose and the shape of every public name.
 PROBE = r"""
 import dataclasses, inspect, json, sys
-import runtime_seam as seam
+from molecule_codex import runtime_seam as seam
 
 def params(fn):
     return [[p.name, p.kind.name, repr(p.default)] for p in inspect.signature(fn).parameters.values()]
@@ -131,8 +131,8 @@ def test_without_the_runtime_the_seam_is_standalone(standalone: dict[str, Any]) 
     assert standalone["version"] is None
     assert standalone["import_error"] is None
     assert standalone["fake_marker"] is None
-    assert standalone["base_module"] == "runtime_seam"
-    assert standalone["set_current_task_module"] == "runtime_seam"
+    assert standalone["base_module"] == "molecule_codex.runtime_seam"
+    assert standalone["set_current_task_module"] == "molecule_codex.runtime_seam"
     assert standalone["wedge"] == "_LocalWedge"
 
 
@@ -200,7 +200,7 @@ def test_a_broken_runtime_warns_and_falls_back(tmp_path: Path) -> None:
     result, stderr = probe(tmp_path)
     assert result["available"] is False
     assert "molecule_runtime_missing_dependency_xyz" in result["import_error"]
-    assert result["base_module"] == "runtime_seam"
+    assert result["base_module"] == "molecule_codex.runtime_seam"
     assert "failed to import" in stderr
     assert "running standalone" in stderr
 
@@ -211,14 +211,14 @@ def test_a_runtime_lacking_optional_modules_keeps_its_core(tmp_path: Path) -> No
     assert result["available"] is True
     assert result["base_module"] == "molecule_runtime.adapters.base"
     assert result["wedge"] == "_LocalWedge"
-    assert result["set_current_task_module"] == "runtime_seam"
+    assert result["set_current_task_module"] == "molecule_codex.runtime_seam"
     assert "runtime_wedge missing" in stderr
     assert "set_current_task missing" in stderr
 
 
 def test_only_the_seam_imports_the_runtime() -> None:
     offenders = []
-    for path in sorted(REPO_ROOT.glob("*.py")):
+    for path in sorted([*REPO_ROOT.glob("*.py"), *(REPO_ROOT / "molecule_codex").rglob("*.py")]):
         if path.name == "runtime_seam.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -299,7 +299,7 @@ def test_capabilities_are_frozen_and_keep_wire_names() -> None:
 
 def test_standalone_wedge_keeps_the_first_reason(caplog: pytest.LogCaptureFixture) -> None:
     with without_runtime() as seam:
-        caplog.set_level(logging.WARNING, logger="runtime_seam")
+        caplog.set_level(logging.WARNING, logger="molecule_codex.runtime_seam")
         assert seam.is_wedged() is False
         assert seam.wedge_reason() == ""
         seam.mark_wedged("codex app-server died and cannot restart")
@@ -356,7 +356,7 @@ async def test_standalone_prompt_joins_prompt_files_and_warns_on_missing(
     prompt_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with without_runtime() as seam:
-        caplog.set_level(logging.WARNING, logger="runtime_seam")
+        caplog.set_level(logging.WARNING, logger="molecule_codex.runtime_seam")
         config = seam.AdapterConfig(
             model="gpt-5",
             config_path=str(prompt_dir),
@@ -397,7 +397,7 @@ async def test_failing_common_setup_falls_back_to_prompt_files(
     prompt_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with use_fake_runtime() as seam:
-        caplog.set_level(logging.WARNING, logger="runtime_seam")
+        caplog.set_level(logging.WARNING, logger="molecule_codex.runtime_seam")
 
         class Failing(minimal_adapter(seam.BaseAdapter)):  # type: ignore[misc]
             async def _common_setup(self, config: Any) -> Any:
@@ -472,12 +472,12 @@ def test_configs_dir_delegates_to_the_runtime_resolver(tmp_path: Path, monkeypat
 
 
 def test_helpers_restore_the_previous_modules() -> None:
-    import runtime_seam as before
+    from molecule_codex import runtime_seam as before
 
     with use_fake_runtime() as seam:
         assert seam is not before
         assert seam.RUNTIME_AVAILABLE is True
     with without_runtime() as seam:
         assert seam.RUNTIME_AVAILABLE is False
-    assert sys.modules["runtime_seam"] is before
+    assert sys.modules["molecule_codex.runtime_seam"] is before
     assert "molecule_runtime" not in sys.modules

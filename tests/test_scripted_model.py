@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-import codex_binary
-import scripted_model as sm
+from molecule_codex import codex_binary
+from molecule_codex.demo import scripted_model as sm
 
 #: Generous bound for one loopback HTTP call; failures should show as errors, not hangs.
 HTTP_TIMEOUT_S = 5.0

@@ -1,4 +1,4 @@
-"""Security properties of the whole stack (``cli.serving``, real codex, scripted model on loopback).
+"""Security properties of the whole stack (``standalone.serving``, real codex, scripted model on loopback).
 
 * Secrets (provider key, platform token, auth.json content, bearer token) appear in no log record
   at any level (codex stderr included), no task (GetTask JSON, streamed events), no error text,
@@ -36,8 +36,7 @@ from a2a.types import GetTaskRequest, TaskState
 from a2a_rig import final_answer, final_message, send, terminal_state, user_message
 from google.protobuf import json_format
 
-from cli import DEFAULT_CONFIG, serving
-from scripted_model import (
+from molecule_codex.demo.scripted_model import (
     SCRIPTED_API_KEY_ENV,
     HttpError,
     RecordedRequest,
@@ -46,6 +45,7 @@ from scripted_model import (
     ToolCall,
     default_responder,
 )
+from molecule_codex.standalone import DEFAULT_CONFIG, serving
 
 pytestmark = pytest.mark.real_codex
 
@@ -233,7 +233,7 @@ async def test_no_secret_in_logs_tasks_errors_files_or_shell_env(tmp_path, caplo
     assert not _leaks("\n".join(seen), secrets), "a secret is in a streamed event"
 
     records = caplog.records
-    assert any(record.name == "app_server" and "codex stderr" in record.getMessage() for record in records), \
+    assert any(record.name == "molecule_codex.app_server" and "codex stderr" in record.getMessage() for record in records), \
         "codex stderr was not captured; the scan would miss it"
     assert any(record.levelno == logging.DEBUG for record in records)
     log_text = "\n".join(

@@ -25,8 +25,8 @@ from a2a.client import ClientConfig, create_client
 from a2a.types import GetTaskRequest, TaskState
 from a2a_rig import Call, final_answer, final_message, send, terminal_state, user_message
 
-from app_server import _our_version
-from scripted_model import SCRIPTED_API_KEY_ENV, Hold, ScriptedModel, Text
+from molecule_codex.app_server import _our_version
+from molecule_codex.demo.scripted_model import SCRIPTED_API_KEY_ENV, Hold, ScriptedModel, Text
 
 pytestmark = pytest.mark.real_codex
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import settings as settings_module
-from settings import (
+from molecule_codex import settings as settings_module
+from molecule_codex.settings import (
     CONFIG_SCHEMA,
     ENV_NAMES,
     PLATFORM_DEFAULT_MODEL,
@@ -162,7 +162,7 @@ def test_bad_env_value_names_the_env_var():
 
 
 def test_unknown_keys_warn_platform_keys_do_not(caplog):
-    caplog.set_level(logging.WARNING, logger="settings")
+    caplog.set_level(logging.WARNING, logger="molecule_codex.settings")
     build(rc={"required_env": [], "timeout": 30, "command": "x"}, yaml_rc={"sandbx": "read-only", "timeout": 5})
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -292,7 +292,7 @@ def test_load_config_yaml_errors_are_actionable(tmp_path):
 
 
 def test_shipped_config_yaml_loads_and_matches_schema(caplog):
-    caplog.set_level(logging.WARNING, logger="settings")
+    caplog.set_level(logging.WARNING, logger="molecule_codex.settings")
     config = load_config_yaml(REPO / "config.yaml")
     assert config["template_schema_version"] == 1
     assert config["runtime"] == "codex"
@@ -312,7 +312,7 @@ def test_shipped_config_yaml_loads_and_matches_schema(caplog):
 
 @pytest.mark.real_codex
 def test_shipped_models_are_in_the_pinned_codex_catalog(tmp_path):
-    import codex_binary
+    from molecule_codex import codex_binary
 
     binary = codex_binary.resolve_codex_binary()
     env = binary.child_env()

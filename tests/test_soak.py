@@ -51,9 +51,9 @@ from a2a.server.context import ServerCallContext
 from a2a.types import CancelTaskRequest, GetTaskRequest, TaskState
 from a2a_rig import Call, final_answer, final_message, serve_codex, status_texts, terminal_state, user_message
 
-from app_server import descendants
-from executor import ActiveTurn, CodexExecutor, ExecutorOptions, Publisher
-from scripted_model import RecordedRequest, ScriptedModel, default_responder
+from molecule_codex.app_server import descendants
+from molecule_codex.demo.scripted_model import RecordedRequest, ScriptedModel, default_responder
+from molecule_codex.executor import ActiveTurn, CodexExecutor, ExecutorOptions, Publisher
 
 TERMINAL = {TaskState.TASK_STATE_COMPLETED, TaskState.TASK_STATE_CANCELED, TaskState.TASK_STATE_FAILED,
             TaskState.TASK_STATE_REJECTED}

@@ -6,7 +6,7 @@ from a2a.auth.user import User
 from a2a.server.context import ServerCallContext
 from a2a.types import ListTasksRequest, Task, TaskState, TaskStatus
 
-from host import TaskStore, create_task_store, task_store_url
+from molecule_codex.host import TaskStore, create_task_store, task_store_url
 
 
 class _Caller(User):

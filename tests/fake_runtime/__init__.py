@@ -11,7 +11,7 @@ Usage from any test module (``tests/`` is on ``sys.path`` under pytest's default
 
     def test_prompt_comes_from_the_platform():
         with use_fake_runtime("adapter") as seam:   # fresh runtime_seam + adapter on the stand-in
-            import adapter
+            adapter = importlib.import_module("molecule_codex.adapter")
             assert seam.RUNTIME_AVAILABLE
             ...
 
@@ -32,10 +32,11 @@ from types import ModuleType
 #: Directory to put on ``sys.path`` so ``import molecule_runtime`` finds the stand-in.
 FAKE_RUNTIME_DIR = Path(__file__).resolve().parent
 
-#: The project root (where ``runtime_seam.py`` lives).
+#: The project root (where the ``molecule_codex`` package lives).
 REPO_ROOT = FAKE_RUNTIME_DIR.parents[1]
 
-_SEAM = "runtime_seam"
+_PACKAGE = "molecule_codex"
+_SEAM = f"{_PACKAGE}.runtime_seam"
 _RUNTIME_PACKAGE = "molecule_runtime"
 
 
@@ -62,7 +63,16 @@ class _BlockRuntime(importlib.abc.MetaPathFinder):
 
 
 def _owned(name: str, dependents: Sequence[str]) -> bool:
-    return name in (_SEAM, _RUNTIME_PACKAGE, *dependents) or name.startswith(_RUNTIME_PACKAGE + ".")
+    qualified = [f"{_PACKAGE}.{dependent}" for dependent in dependents]
+    return name in (_SEAM, _RUNTIME_PACKAGE, *qualified) or name.startswith(_RUNTIME_PACKAGE + ".")
+
+
+def _bind_in_package(modules: Mapping[str, ModuleType]) -> None:
+    """Point ``molecule_codex.<leaf>`` attributes at ``modules``: ``from pkg import leaf`` reads them."""
+    package = sys.modules.get(_PACKAGE)
+    for name, module in modules.items():
+        if package is not None and name.startswith(_PACKAGE + "."):
+            setattr(package, name.removeprefix(_PACKAGE + "."), module)
 
 
 @contextmanager
@@ -87,15 +97,16 @@ def _fresh_seam(dependents: Sequence[str], *, fake: bool) -> Iterator[ModuleType
         for name in [name for name in sys.modules if _owned(name, dependents)]:
             del sys.modules[name]
         sys.modules.update(saved)
+        _bind_in_package(saved)
 
 
 @contextmanager
 def use_fake_runtime(*dependents: str) -> Iterator[ModuleType]:
     """Run a block with ``runtime_seam`` bound to the stand-in runtime; yields the fresh seam.
 
-    ``dependents`` are modules that import the seam at import time (``"adapter"``,
-    ``"executor"``): they are dropped from ``sys.modules`` so the block re-imports them against the
-    fresh seam, and restored on exit. The stand-in's modules start fresh too (empty call lists).
+    ``dependents`` are package modules that import the seam at import time (``"adapter"`` for
+    ``molecule_codex.adapter``): they are dropped from ``sys.modules`` so the block re-imports them
+    against the fresh seam, and restored on exit. The stand-in's modules start fresh too (empty call lists).
     """
     with _fresh_seam(dependents, fake=True) as seam:
         yield seam

@@ -45,10 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from settings import Settings
+from typing import Any, Literal, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +276,17 @@ def known_provider_names(providers: Mapping[str, ProviderEntry]) -> list[str]:
     return [*BUILTIN_PROVIDERS, *sorted(providers)]
 
 
-def resolve_provider(settings: Settings, env: Mapping[str, str], codex_home: Path) -> ResolvedProvider:
+class ProviderChoice(Protocol):
+    """What provider resolution reads from the settings (kept structural: settings imports us)."""
+
+    @property
+    def provider(self) -> str | None: ...
+
+    @property
+    def providers(self) -> Mapping[str, ProviderEntry]: ...
+
+
+def resolve_provider(settings: ProviderChoice, env: Mapping[str, str], codex_home: Path) -> ResolvedProvider:
     """Pick the provider per the table in the module docstring. Reads files, writes nothing."""
     requested = (settings.provider or AUTO).strip() or AUTO
     requested = PROVIDER_ALIASES.get(requested.lower(), requested)

@@ -20,7 +20,8 @@ import httpx
 from a2a.client import ClientCallContext, ClientConfig, create_client
 from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
 
-from scripted_model import SCRIPTED_API_KEY_ENV, RecordedRequest, ScriptedModel, Text, ToolCall
+from molecule_codex.demo.scripted_model import SCRIPTED_API_KEY_ENV, RecordedRequest, ScriptedModel, Text, ToolCall
+from molecule_codex.standalone import DEFAULT_CONFIG, serving
 
 DEMO_FILES = {
     "notes.txt": "buy milk\ncall the plumber\nwrite the report\n",
@@ -51,8 +52,6 @@ def _expected_total() -> int:
 
 async def run_demo() -> int:
     """Run the demo, print what a person wants to see, and return the exit code."""
-    from cli import DEFAULT_CONFIG, serving
-
     with tempfile.TemporaryDirectory(prefix="molecule-codex-demo-") as tmp, ScriptedModel(demo_responder) as model:
         root = Path(tmp)
         workspace = root / "workspace"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codex_binary import CodexBinary
+from molecule_codex.codex_binary import CodexBinary
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from app_server import Notification
+from molecule_codex.app_server import Notification
 
 #: tool_trace bounds: the platform stores the list with each activity row.
 MAX_TRACE_ENTRIES = 200

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from providers import API_KEY_ENV, AUTH_JSON_ENV, ResolvedProvider, atomic_write_text, ensure_codex_home
+from molecule_codex.providers import API_KEY_ENV, AUTH_JSON_ENV, ResolvedProvider, atomic_write_text, ensure_codex_home
 
 if TYPE_CHECKING:
-    from codex_binary import CodexBinary
-    from settings import Settings
+    from molecule_codex.codex_binary import CodexBinary
+    from molecule_codex.settings import Settings
 
 logger = logging.getLogger(__name__)
 

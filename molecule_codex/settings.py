@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
-from providers import (
+from molecule_codex.providers import (
     BUILTIN_PROVIDERS,
     PROVIDER_ALIASES,
     RESERVED_PROVIDER_NAMES,
