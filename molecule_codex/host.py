@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from a2a.server.agent_execution import AgentExecutor
+from a2a.server.agent_execution import AgentExecutor, RequestContext, SimpleRequestContextBuilder
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.routes import DefaultServerCallContextBuilder, create_agent_card_routes, create_jsonrpc_routes
@@ -53,6 +53,8 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+
+from molecule_codex.identity import CLIENT_CONTEXT_ID_STATE
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +279,22 @@ class _CallContextBuilder(DefaultServerCallContextBuilder):
         return context
 
 
+class ClientContextRecorder(SimpleRequestContextBuilder):
+    """Records the contextId the client really sent before the SDK invents one and writes it into
+    the message; :func:`identity.identify` reads it to tell "no contextId" from a chosen one."""
+
+    async def build(
+        self,
+        context: ServerCallContext,
+        params: Any = None,
+        task_id: str | None = None,
+        context_id: str | None = None,
+        task: Task | None = None,
+    ) -> RequestContext:
+        context.state[CLIENT_CONTEXT_ID_STATE] = context_id or ""
+        return await super().build(context, params, task_id, context_id, task)
+
+
 async def _health(_request: Request) -> Response:
     return PlainTextResponse("ok")
 
@@ -292,7 +310,12 @@ def build_app(
     lifespan: Any = None,
 ) -> tuple[Starlette, DefaultRequestHandler]:
     """The Starlette app serving ``executor`` over A2A, and its request handler (close it on exit)."""
-    handler = DefaultRequestHandler(agent_executor=executor, task_store=task_store, agent_card=card)
+    handler = DefaultRequestHandler(
+        agent_executor=executor,
+        task_store=task_store,
+        agent_card=card,
+        request_context_builder=ClientContextRecorder(),
+    )
     routes = [
         *create_agent_card_routes(card),
         *create_jsonrpc_routes(handler, rpc_url="/", context_builder=_CallContextBuilder(), enable_v0_3_compat=True),
