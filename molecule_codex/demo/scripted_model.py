@@ -12,9 +12,12 @@ sent with one ``sendall`` so nothing waits in a buffer):
 
 Choosing a reply, per request: first the FIFO filled by :meth:`ScriptedModel.enqueue`, else
 ``model.responder(record)`` (default :func:`default_responder`). Replies are the frozen dataclasses
-:class:`Text`, :class:`ToolCall`, :class:`HttpError`, :class:`StreamCut`, :class:`Stall` and
-:class:`Hold`. A :class:`ToolCall` makes codex run the command and POST again with its output; the
-*next* reply answers that request.
+:class:`Text`, :class:`ToolCall`, :class:`FunctionCall`, :class:`CustomToolCall`, :class:`HttpError`,
+:class:`StreamCut`, :class:`Stall` and :class:`Hold`. A :class:`ToolCall` makes codex run the command
+and POST again with its output; the *next* reply answers that request. :class:`FunctionCall` calls
+any other function tool (an MCP tool with ``namespace="mcp__<server>"``, ``request_user_input``);
+:class:`CustomToolCall` a freeform tool (``apply_patch``, which codex offers only to models in its
+catalog: run such tests with a catalog slug such as ``gpt-5.5``).
 
 Directives understood by :func:`default_responder`, written anywhere in the user prompt. They make
 concurrent tests unambiguous, where one shared FIFO would not say which thread gets which reply:
@@ -24,8 +27,15 @@ concurrent tests unambiguous, where one shared FIFO would not say which thread g
   repeatable, run in order. Once every tool output is back, the text reply is
   ``echo: <prompt>`` followed by one ``\\n[tool exit=<code>] <output>`` line per tool (output
   stripped and cut to ``TOOL_SUMMARY_CHARS``).
+* ``[escalate=COMMAND]`` - like ``[tool=...]`` but with ``sandbox_permissions: require_escalated``,
+  so under ``approvalPolicy`` ``on-request``/``untrusted`` codex asks the client for approval.
+* ``[patch=PATH]`` - first answer with an ``apply_patch`` that adds PATH (relative to the thread's
+  cwd) holding ``PATCH_CONTENT``; needs a catalog model slug (see above).
 
-Without directives the reply is ``Text("echo: " + <prompt>)`` where ``<prompt>`` is
+Review mode: a request whose prompt is codex's review instruction (``Review the ... changes ...``)
+gets :func:`review_findings` as JSON, the shape codex parses into the ``exitedReviewMode`` item.
+
+Otherwise, without directives the reply is ``Text("echo: " + <prompt>)`` where ``<prompt>`` is
 :attr:`RecordedRequest.last_user_text`.
 
 What codex 0.163.0 sends (observed with ``codex exec`` and ``app-server``): body keys ``model``,
@@ -90,9 +100,16 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 EXEC_TOOL_NAME = "exec_command"
 #: Cap on the tool output quoted back by the default responder.
 TOOL_SUMMARY_CHARS = 200
+#: Codex's freeform file-edit tool (offered to catalog models only).
+APPLY_PATCH_TOOL_NAME = "apply_patch"
+#: What a ``[patch=PATH]`` directive writes into PATH.
+PATCH_CONTENT = "patched by codex"
+#: Title of the one finding :func:`review_findings` reports.
+REVIEW_FINDING_TITLE = "[P1] Scripted finding"
 
 _SLEEP_RE = re.compile(r"\[sleep=(\d+(?:\.\d+)?)\]")
-_TOOL_RE = re.compile(r"\[tool=([^\]]+)\]")
+_TOOL_RE = re.compile(r"\[(tool|escalate|patch)=([^\]]+)\]")
+_REVIEW_PROMPT_RE = re.compile(r"^Review the (?:current )?code changes")
 _EXIT_CODE_RE = re.compile(r"exited with code (-?\d+)")
 _WORD_RE = re.compile(r"\s*\S+\s*")
 _INJECTED_BLOCK_RE = re.compile(r"^<([A-Za-z_][\w-]*)>.*</\1>$", re.DOTALL)
@@ -163,6 +180,33 @@ class ToolCall:
 
 
 @dataclass(frozen=True, slots=True)
+class FunctionCall:
+    """A ``function_call`` to any codex function tool; MCP tools need ``namespace="mcp__<server>"``."""
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    namespace: str | None = None
+    call_id: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CustomToolCall:
+    """A freeform ``custom_tool_call`` (codex's ``apply_patch``: ``input`` is the patch text)."""
+
+    input: str
+    name: str = APPLY_PATCH_TOOL_NAME
+    call_id: str | None = None
+    usage: Usage | None = None
+
+
+def add_file_patch(path: str, content: str = PATCH_CONTENT) -> CustomToolCall:
+    """An ``apply_patch`` call that creates ``path`` (relative to the thread's cwd) with ``content``."""
+    lines = "".join(f"+{line}\n" for line in content.splitlines())
+    return CustomToolCall(input=f"*** Begin Patch\n*** Add File: {path}\n{lines}*** End Patch\n")
+
+
+@dataclass(frozen=True, slots=True)
 class HttpError:
     """A plain HTTP error response; a dict body is sent as JSON, None gives an OpenAI-style error."""
 
@@ -208,7 +252,7 @@ class Hold:
             raise TypeError("Hold(then=Hold(...)) is not supported: one pause per reply")
 
 
-Reply = Text | ToolCall | HttpError | StreamCut | Stall | Hold
+Reply = Text | ToolCall | FunctionCall | CustomToolCall | HttpError | StreamCut | Stall | Hold
 
 
 # --------------------------------------------------------------------------- recording
@@ -298,7 +342,7 @@ class RecordedRequest:
         """Outputs (as text) of tool calls made after the latest real user prompt."""
         outputs: list[str] = []
         for item in self.input:
-            if item.get("type") == "function_call_output":
+            if item.get("type") in ("function_call_output", "custom_tool_call_output"):
                 outputs.append(_output_text(item.get("output")))
             elif self._user_message_texts([item]):
                 outputs = []
@@ -320,13 +364,44 @@ def _tool_summary(output: str) -> str:
     return f"[tool exit={code.group(1) if code else '?'}] {text}"
 
 
+def review_findings(prompt: str) -> str:
+    """Codex's review-output JSON with one finding that quotes the review instruction it answers."""
+    finding = {
+        "title": REVIEW_FINDING_TITLE,
+        "body": f"Scripted review of: {prompt}",
+        "confidence_score": 0.9,
+        "priority": 1,
+        "code_location": {"absolute_file_path": "/dev/null", "line_range": {"start": 1, "end": 1}},
+    }
+    return json.dumps(
+        {
+            "findings": [finding],
+            "overall_correctness": "patch is incorrect",
+            "overall_explanation": "One scripted finding.",
+            "overall_confidence_score": 0.8,
+        }
+    )
+
+
+def _directive_reply(kind: str, value: str) -> Reply:
+    """The tool call one ``[tool=…]``, ``[escalate=…]`` or ``[patch=…]`` directive asks for."""
+    if kind == "escalate":
+        return ToolCall(cmd=value, sandbox_permissions="require_escalated", justification=f"scripted: run {value}")
+    if kind == "patch":
+        return add_file_patch(value)
+    return ToolCall(cmd=value)
+
+
 def default_responder(request: RecordedRequest) -> Reply:
-    """Echo the prompt, honouring the ``[sleep=S]`` and ``[tool=CMD]`` directives (module docstring)."""
+    """Echo the prompt, honouring the directives and review mode (module docstring)."""
     prompt = request.last_user_text
+    if _REVIEW_PROMPT_RE.match(prompt):
+        return Text(review_findings(prompt))
     tools = _TOOL_RE.findall(prompt)
     outputs = request.tool_outputs_since_last_user()
     if len(outputs) < len(tools):
-        return ToolCall(cmd=tools[len(outputs)].strip())
+        kind, value = tools[len(outputs)]
+        return _directive_reply(kind, value.strip())
     text = "echo: " + prompt + "".join(f"\n{_tool_summary(out)}" for out in outputs)
     sleep = _SLEEP_RE.search(prompt)
     if not sleep:
@@ -719,7 +794,7 @@ class ScriptedModel:
             return
         if gate is not None:
             self._pause(stream, gate)
-        if isinstance(reply, ToolCall):
+        if isinstance(reply, ToolCall | FunctionCall | CustomToolCall):
             self._play_tool(stream, reply, seq, response_id)
         elif isinstance(reply, StreamCut):
             item_id = f"msg_{seq}"
@@ -765,19 +840,23 @@ class ScriptedModel:
         stream.completed(response_id, reply.usage or Usage(output_tokens=len(pieces)))
 
     @staticmethod
-    def _play_tool(stream: _Stream, reply: ToolCall, seq: int, response_id: str) -> None:
-        item = {
-            "type": "function_call",
-            "id": f"fc_{seq}",
-            "call_id": reply.call_id or f"call_{seq}",
-            "name": EXEC_TOOL_NAME,
-            "arguments": reply.arguments(),
-            "status": "completed",
-        }
-        stream.event(
-            "response.output_item.added",
-            {"output_index": 0, "item": {**item, "arguments": "", "status": "in_progress"}},
-        )
+    def _play_tool(
+        stream: _Stream, reply: ToolCall | FunctionCall | CustomToolCall, seq: int, response_id: str
+    ) -> None:
+        item: dict[str, Any] = {"id": f"fc_{seq}", "call_id": reply.call_id or f"call_{seq}", "status": "completed"}
+        if isinstance(reply, CustomToolCall):
+            item.update(type="custom_tool_call", name=reply.name, input=reply.input)
+            partial = {**item, "input": "", "status": "in_progress"}
+        else:
+            item["type"] = "function_call"
+            if isinstance(reply, ToolCall):
+                item.update(name=EXEC_TOOL_NAME, arguments=reply.arguments())
+            else:
+                item.update(name=reply.name, arguments=json.dumps(reply.arguments))
+                if reply.namespace is not None:
+                    item["namespace"] = reply.namespace
+            partial = {**item, "arguments": "", "status": "in_progress"}
+        stream.event("response.output_item.added", {"output_index": 0, "item": partial})
         stream.event("response.output_item.done", {"output_index": 0, "item": item})
         stream.completed(response_id, reply.usage or Usage(output_tokens=1))
 
