@@ -51,6 +51,8 @@ DEFAULT_PROVIDER = "auto"
 DEFAULT_SANDBOX = "auto"
 DEFAULT_APPROVAL_POLICY = "never"  # headless: nobody is there to approve
 DEFAULT_ON_BUSY = "queue"
+#: How long an approval waits for a person before codex is told no; 0 waits until the turn limit.
+DEFAULT_APPROVAL_TIMEOUT_S = 600.0
 #: Under the platform's 30-minute cap for agent-to-agent dispatches.
 DEFAULT_TURN_TIMEOUT_S = 1500.0
 #: The platform's default silence window is 5 minutes.
@@ -151,6 +153,14 @@ _KEYS: dict[str, KeySpec] = {
             DEFAULT_APPROVAL_POLICY,
             "When codex asks before running commands; requests are answered by the adapter.",
             choices=APPROVAL_POLICIES,
+        ),
+        KeySpec(
+            "approval_timeout",
+            "number",
+            DEFAULT_APPROVAL_TIMEOUT_S,
+            "Seconds an approval request (on-request/untrusted) waits for a person's answer before it is "
+            "declined; 0 waits until the turn limit.",
+            minimum=0,
         ),
         KeySpec(
             "on_busy",
@@ -297,6 +307,7 @@ class Settings:
     provider: str = DEFAULT_PROVIDER
     sandbox: Sandbox = DEFAULT_SANDBOX
     approval_policy: ApprovalPolicy = DEFAULT_APPROVAL_POLICY
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT_S
     on_busy: OnBusy = DEFAULT_ON_BUSY
     turn_timeout: float = DEFAULT_TURN_TIMEOUT_S
     inactivity_timeout: float = DEFAULT_INACTIVITY_TIMEOUT_S
