@@ -33,6 +33,7 @@ from molecule_codex.conversations import ConversationStore
 from molecule_codex.executor import CodexExecutor, ExecutorOptions
 from molecule_codex.preflight import PreflightError, PreflightReport, check_writable_dir, resolve_sandbox
 from molecule_codex.preflight import probe_sandbox as run_sandbox_probe
+from molecule_codex.read_deny import ReadDeny, build_read_deny, secret_locations, workspace_conflict
 from molecule_codex.runtime_seam import AdapterConfig, BaseAdapter, RuntimeCapabilities
 from molecule_codex.server_requests import ServerRequestPolicy
 from molecule_codex.settings import (
@@ -87,6 +88,7 @@ class _Prepared:
     workspace: Path
     state_dir: Path
     sandbox: str = "workspace-write"
+    read_deny: ReadDeny | None = None
 
 
 def attach_log_handler(env: Mapping[str, str], root: logging.Logger | None = None) -> bool:
@@ -266,6 +268,8 @@ class CodexAdapter(BaseAdapter):
         if binary is None or not writable:
             return report
         prepared = _Prepared(binary, settings, provider, codex_home, workspace, state_dir)
+        report.run("secrets out of reach", lambda: self._check_read_deny(prepared),
+                   "put the workspace outside the state directory, CODEX_HOME and the platform's configs directory")
         if validate_config:
             report.run("config.toml", lambda: self._check_config(prepared), CONFIG_FIX)
 
@@ -275,18 +279,48 @@ class CodexAdapter(BaseAdapter):
             report.run("sandbox", lambda: self._check_sandbox(prepared))
         return report
 
+    def _configs_dir(self) -> Path | None:
+        """The platform runtime's directory (token, inbound secret, snapshot); None for a standalone host."""
+        env = self._env
+        if self._host is None:
+            return runtime_seam.resolve_configs_dir(env)
+        return Path(env["CONFIGS_DIR"]) if env.get("CONFIGS_DIR") else None
+
+    def _check_read_deny(self, prepared: _Prepared) -> str:
+        """Work out what the agent's commands may not read; says plainly what is NOT protected."""
+        locations = secret_locations(state_dir=prepared.state_dir, codex_home=prepared.codex_home, env=self._env,
+                                     configs_dir=self._configs_dir())
+        inside = workspace_conflict(locations, prepared.workspace)
+        if inside is not None:
+            raise PreflightError(f"the workspace {prepared.workspace} lies inside {inside}, which holds secrets "
+                                 "the agent must not read")
+        prepared.read_deny = build_read_deny(locations, prepared.workspace)
+        if not codex_config.uses_profile(prepared.settings.sandbox):
+            return f"NOT in force: sandbox {prepared.settings.sandbox} lets commands read every file"
+        overridden = codex_config.profile_overridden(codex_config.read_config_toml(prepared.codex_home))
+        if overridden:
+            logger.warning("secrets are NOT out of the agent's reach: %s", overridden)
+            return f"NOT in force: {overridden}"
+        return prepared.read_deny.describe()
+
     def _check_sandbox(self, prepared: _Prepared) -> str:
-        """Resolve ``sandbox: auto|…`` with a live probe; records the mode threads will use."""
+        """Resolve ``sandbox: auto|…`` with a live probe of our profile; records the mode threads will use."""
+        settings = prepared.settings
+        deny = prepared.read_deny
         prepared.sandbox, detail = resolve_sandbox(
-            prepared.settings.sandbox,
-            lambda: run_sandbox_probe(prepared.binary, prepared.workspace, prepared.codex_home, self._env),
+            settings.sandbox,
+            lambda: run_sandbox_probe(
+                prepared.binary, prepared.workspace, prepared.state_dir,
+                codex_config.profile_config_text("workspace-write", settings.network_access, deny), self._env,
+                canary_dirs=(prepared.codex_home,),
+            ),
         )
         return detail
 
     def _render_config(self, prepared: _Prepared) -> str:
         mcp = codex_config.platform_mcp_server(sys.executable, self._mcp_env())
         existing = codex_config.read_config_toml(prepared.codex_home)
-        return codex_config.render_config_toml(existing, prepared.settings, prepared.provider, mcp)
+        return codex_config.render_config_toml(existing, prepared.settings, prepared.provider, mcp, prepared.read_deny)
 
     def _check_config(self, prepared: _Prepared) -> str:
         """Render config.toml into a scratch CODEX_HOME and let codex validate it strictly."""
@@ -329,8 +363,7 @@ class CodexAdapter(BaseAdapter):
         extra = prepared.settings.developer_instructions
         if extra:
             instructions = f"{instructions}\n\n{extra}" if instructions else extra
-        keep = {name for name in (prepared.provider.entry.env_key if prepared.provider.entry else None,) if name}
-        app_env = child_env(env, keep)
+        app_env = child_env(env, set(prepared.provider.codex_env_names))
         app_env.update(prepared.provider.child_env_additions)
         self._app = AppServer(
             codex_home=prepared.codex_home,
@@ -362,13 +395,11 @@ class CodexAdapter(BaseAdapter):
 
     def _executor_options(self, prepared: _Prepared, instructions: str | None) -> ExecutorOptions:
         settings = prepared.settings
-        thread_config: dict[str, Any] = {}
-        if settings.network_access and prepared.sandbox == "workspace-write":
-            thread_config["sandbox_workspace_write"] = {"network_access": True}
         return ExecutorOptions(
             workspace=prepared.workspace,
             model=settings.model,
-            sandbox=prepared.sandbox,
+            # Under our profile (config.toml) no sandbox is sent: codex would ignore the profile.
+            sandbox=None if codex_config.uses_profile(prepared.sandbox) else prepared.sandbox,
             approval_policy=settings.approval_policy,
             on_busy=settings.on_busy,
             turn_timeout=settings.turn_timeout,
@@ -378,7 +409,6 @@ class CodexAdapter(BaseAdapter):
             max_input_chars=settings.max_input_chars,
             max_concurrent_turns=settings.max_concurrent_turns,
             idle_unload_after=settings.idle_unload_after,
-            thread_config=thread_config or None,
         )
 
     async def create_executor(self, config: AdapterConfig) -> CodexExecutor:

@@ -17,6 +17,12 @@ server or provider entry when the operator defines anything under its name. The 
 checked with ``tomllib``; keys that still cannot be placed are dropped with a warning.
 
 Built-in providers (``openai``, ``chatgpt``) never get a ``model_provider`` key.
+
+Sandboxed modes run under our permission profile (``default_permissions = "molecule"``): it extends
+codex's ``:workspace`` (or ``:read-only``) profile, sets network access, and denies reads of the
+paths in :class:`read_deny.ReadDeny`. Codex ignores a profile when a thread is started with a
+``sandbox`` mode or when any config sets ``sandbox_mode``, so threads are started without one and
+:func:`profile_overridden` tells doctor when the operator's config takes the profile out of force.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from molecule_codex.providers import API_KEY_ENV, AUTH_JSON_ENV, ResolvedProvider, atomic_write_text, ensure_codex_home
+from molecule_codex.read_deny import PROFILE_NAME, ReadDeny
 
 if TYPE_CHECKING:
     from molecule_codex.codex_binary import CodexBinary
@@ -85,6 +92,9 @@ FEATURES_OFF = (
     "shell_snapshot",  # snapshots a login shell per new thread: 32 threads took ~22 s instead of ~4 s
     "unbounded_connection_retries",  # else "connection refused" is retried for ever
 )
+
+#: The built-in profile ours extends, per sandbox mode; ``danger-full-access`` gets no profile.
+PROFILE_BASE = {"auto": ":workspace", "workspace-write": ":workspace", "read-only": ":read-only"}
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _HEADER = re.compile(r"^\s*\[(?!\[)[^\]]*\]\s*(#.*)?$")
@@ -204,7 +214,48 @@ def _flatten(prefix: KeyPath, table: Mapping[str, Any], inline: Iterable[str] = 
     return leaves
 
 
-def _desired_units(settings: Settings, provider: ResolvedProvider, mcp: McpServer | None) -> list[_Unit]:
+def uses_profile(sandbox: str) -> bool:
+    """Whether threads in this sandbox mode run under our permission profile."""
+    return sandbox in PROFILE_BASE
+
+
+def agent_profile(sandbox: str, network_access: bool, read_deny: ReadDeny | None) -> dict[str, Any]:
+    """Our ``[permissions.molecule]`` table for a sandboxed mode."""
+    profile: dict[str, Any] = {"extends": PROFILE_BASE[sandbox], "network": {"enabled": network_access}}
+    if read_deny is not None and read_deny.entries:
+        profile["filesystem"] = read_deny.filesystem
+    return profile
+
+
+def profile_config_text(sandbox: str, network_access: bool, read_deny: ReadDeny | None) -> str:
+    """A config.toml holding only our profile, selected: what the sandbox probe runs under."""
+    profile = agent_profile(sandbox, network_access, read_deny)
+    lines = [f"default_permissions = {_toml_string(PROFILE_NAME)}\n"]
+    lines.extend(
+        f"{_dotted(path)} = {_toml_value(value)}\n" for path, value in _flatten(("permissions", PROFILE_NAME), profile)
+    )
+    return "".join(lines)
+
+
+def profile_overridden(existing: str | None) -> str | None:
+    """Why the operator's config.toml keeps our profile out of force, or None when it is in force."""
+    try:
+        operator = tomllib.loads(strip_managed_blocks(existing or ""))
+    except (tomllib.TOMLDecodeError, CodexConfigError):
+        return None  # rendering reports a broken file
+    if "sandbox_mode" in operator:
+        return "config.toml sets sandbox_mode, which makes codex ignore permission profiles"
+    chosen = operator.get("default_permissions")
+    if chosen is not None and chosen != PROFILE_NAME:
+        return f"config.toml selects default_permissions = {chosen!r} instead of {PROFILE_NAME!r}"
+    if _lookup(operator, ("permissions", PROFILE_NAME))[0]:
+        return f"config.toml defines its own [permissions.{PROFILE_NAME}], which replaces ours"
+    return None
+
+
+def _desired_units(
+    settings: Settings, provider: ResolvedProvider, mcp: McpServer | None, read_deny: ReadDeny | None
+) -> list[_Unit]:
     """Everything we want in config.toml, in output order."""
     units: list[_Unit] = [_Unit(("model",), ((("model",), settings.model),))]
     if provider.writes_model_provider and provider.entry is not None:
@@ -221,8 +272,11 @@ def _desired_units(settings: Settings, provider: ResolvedProvider, mcp: McpServe
     for key, value in shell_policy.items():
         path = ("shell_environment_policy", key)
         units.append(_Unit(path, ((path, value),)))
-    path = ("sandbox_workspace_write", "network_access")
-    units.append(_Unit(path, ((path, settings.network_access),)))
+    if uses_profile(settings.sandbox):
+        units.append(_Unit(("default_permissions",), ((("default_permissions",), PROFILE_NAME),)))
+        root = ("permissions", PROFILE_NAME)
+        profile = agent_profile(settings.sandbox, settings.network_access, read_deny)
+        units.append(_Unit(root, tuple(_flatten(root, profile))))
     for feature in FEATURES_OFF:
         path = ("features", feature)
         units.append(_Unit(path, ((path, False),)))
@@ -404,6 +458,7 @@ def render_config_toml(
     settings: Settings,
     provider: ResolvedProvider,
     mcp: McpServer | None,
+    read_deny: ReadDeny | None = None,
 ) -> str:
     """The new config.toml text: ``existing`` minus old managed blocks, plus fresh ones."""
     operator_text = strip_managed_blocks(existing or "")
@@ -415,7 +470,7 @@ def render_config_toml(
         ) from None
 
     leaves: list[tuple[KeyPath, Any]] = []
-    for unit in _desired_units(settings, provider, mcp):
+    for unit in _desired_units(settings, provider, mcp, read_deny):
         if _operator_defines(operator, unit.root):
             logger.info("config.toml: keeping the operator's %s", _dotted(unit.root))
             continue

@@ -91,7 +91,9 @@ class ExecutorOptions:
 
     workspace: Path
     model: str
-    sandbox: str = "workspace-write"  # resolved: read-only | workspace-write | danger-full-access
+    #: Resolved: read-only | workspace-write | danger-full-access, or None to run under the
+    #: permission profile config.toml selects (codex ignores the profile when a sandbox is sent).
+    sandbox: str | None = "workspace-write"
     approval_policy: str = "never"
     on_busy: str = "queue"
     turn_timeout: float = 1500.0
@@ -646,10 +648,11 @@ class CodexExecutor(AgentExecutor):
         options = self.options
         params: dict[str, Any] = {
             "cwd": str(options.workspace),
-            "sandbox": options.sandbox,
             "approvalPolicy": options.approval_policy,
             "model": options.model,
         }
+        if options.sandbox is not None:
+            params["sandbox"] = options.sandbox
         if options.developer_instructions:
             params["developerInstructions"] = options.developer_instructions
         config = dict(options.thread_config or {})

@@ -4,8 +4,10 @@ The runtime serves a "not configured" card when ``setup()`` raises, and never re
 wrong configuration must fail here with a message an operator can act on, not later as a turn
 that hangs. Every probe is bounded in time (a hanging ``setup()`` means no agent card at all).
 
-The sandbox probe runs ``codex sandbox -P :workspace`` with a command that writes inside the
-working directory (must succeed) and outside it (must fail). Unprivileged containers often lack
+The sandbox probe runs ``codex sandbox -P molecule`` (our permission profile) with a command that
+writes inside the working directory (must succeed), writes into the state directory (must fail)
+and reads a canary file there (must be denied): the state directory is denied by the profile on
+every host, so the probe does not depend on HOME. Unprivileged containers often lack
 what bubblewrap needs; then ``sandbox: auto`` fails preflight and names the explicit opt-in
 ``danger-full-access`` for hosts where the container itself is the boundary.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import uuid
 from collections.abc import Callable
@@ -21,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from molecule_codex.codex_binary import CodexBinary
+from molecule_codex.read_deny import PROFILE_NAME
 
 logger = logging.getLogger(__name__)
 
 #: Sandbox start-up is ~50 ms; 20 s means bubblewrap is stuck.
 SANDBOX_PROBE_TIMEOUT_S = 20.0
-SANDBOX_PROFILES = {"workspace-write": ":workspace", "read-only": ":read-only"}
 
 
 class PreflightError(RuntimeError):
@@ -106,42 +109,52 @@ def check_writable_dir(path: Path, what: str, mode: int | None = None) -> str:
     return f"{path} is writable"
 
 
-def _outside_probe_dir(workspace: Path) -> Path:
-    """A directory outside the workspace and outside the temp roots codex always lets through."""
-    for candidate in (Path.home() / ".cache" / "molecule-codex", Path("/var/lib/molecule-codex")):
-        try:
-            candidate.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(candidate, os.W_OK) and not candidate.resolve().is_relative_to(workspace.resolve()):
-            return candidate
-    raise PreflightError("found no directory outside the workspace to test the sandbox against")
-
-
 @dataclass(frozen=True, slots=True)
 class SandboxProbe:
-    """What ``codex sandbox`` did on this host."""
+    """What ``codex sandbox`` did on this host under our permission profile."""
 
     inside_ok: bool
     outside_blocked: bool
+    read_blocked: bool
     output: str
 
     @property
     def works(self) -> bool:
-        return self.inside_ok and self.outside_blocked
+        return self.inside_ok and self.outside_blocked and self.read_blocked
 
 
-def probe_sandbox(binary: CodexBinary, workspace: Path, codex_home: Path, env: dict[str, str]) -> SandboxProbe:
-    """Run a write inside and a write outside the workspace under codex's workspace-write sandbox."""
+def probe_sandbox(
+    binary: CodexBinary,
+    workspace: Path,
+    state_dir: Path,
+    profile_toml: str,
+    env: dict[str, str],
+    *,
+    canary_dirs: tuple[Path, ...] = (),
+) -> SandboxProbe:
+    """Run our profile's sandbox: write inside the workspace, write and read inside the state directory.
+
+    The state directory (and every directory in ``canary_dirs``) is denied by the profile, so the
+    outside write and the canary reads must fail on any host, whatever HOME is: codex's
+    ``:workspace`` profile lets ``/tmp`` through, so a HOME under ``/tmp`` proves nothing. The probe
+    runs with a scratch CODEX_HOME holding only ``profile_toml`` (the operator's config plays no part).
+    """
     tag = uuid.uuid4().hex[:8]
+    scratch = state_dir / f"sandbox-check-{tag}"
     inside = workspace / f".molecule-sandbox-probe-{tag}"
-    outside = _outside_probe_dir(workspace) / f"sandbox-probe-{tag}"
-    script = f"echo ok > '{inside}' && echo INSIDE-OK; echo bad > '{outside}' && echo OUTSIDE-WRITTEN; true"
-    child_env = binary.child_env(env)
-    child_env["CODEX_HOME"] = str(codex_home)
-    argv = [str(binary.path), "sandbox", "-P", SANDBOX_PROFILES["workspace-write"], "-C", str(workspace),
-            "--", "sh", "-c", script]
+    outside = state_dir / f"sandbox-probe-{tag}"
+    canaries = {directory / f".molecule-read-probe-{tag}": f"read-probe-{uuid.uuid4().hex}"
+                for directory in dict.fromkeys((state_dir, *canary_dirs))}
+    reads = "; ".join(f"cat '{path}'" for path in canaries)
+    script = f"echo ok > '{inside}' && echo INSIDE-OK; echo bad > '{outside}' && echo OUTSIDE-WRITTEN; {reads}; true"
     try:
+        scratch.mkdir(mode=0o700)
+        (scratch / "config.toml").write_text(profile_toml, encoding="utf-8")
+        for path, content in canaries.items():
+            path.write_text(content, encoding="utf-8")
+        child_env = binary.child_env(env)
+        child_env["CODEX_HOME"] = str(scratch)
+        argv = [str(binary.path), "sandbox", "-P", PROFILE_NAME, "-C", str(workspace), "--", "sh", "-c", script]
         completed = subprocess.run(argv, capture_output=True, text=True, timeout=SANDBOX_PROBE_TIMEOUT_S,
                                    env=child_env, cwd=workspace, check=False)
         output = (completed.stdout + completed.stderr).strip()
@@ -150,11 +163,16 @@ def probe_sandbox(binary: CodexBinary, workspace: Path, codex_home: Path, env: d
     finally:
         inside_written = inside.exists()
         outside_written = outside.exists()
-        for leftover in (inside, outside):
+        for leftover in (inside, outside, *canaries):
             leftover.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    leaked = any(content in output for content in canaries.values())
+    for content in canaries.values():
+        output = output.replace(content, "<canary>")
     return SandboxProbe(
         inside_ok=inside_written and "INSIDE-OK" in output,
         outside_blocked=not outside_written,
+        read_blocked=not leaked,
         output=output[-500:],
     )
 
@@ -169,12 +187,15 @@ def resolve_sandbox(requested: str, probe: Callable[[], SandboxProbe]) -> tuple[
         return requested, f"{requested} (explicit)"
     result = probe()
     if result.works:
-        return "workspace-write", "workspace-write: writes inside the workspace work, outside are blocked"
-    cause = (
-        "a write outside the workspace was NOT blocked"
-        if result.inside_ok
-        else "the sandbox could not run a write inside the workspace"
-    )
+        return "workspace-write", (
+            "workspace-write: writes inside the workspace work; writes and reads of the state directory are blocked"
+        )
+    if not result.inside_ok:
+        cause = "the sandbox could not run a write inside the workspace"
+    elif not result.outside_blocked:
+        cause = "a write outside the workspace was NOT blocked"
+    else:
+        cause = "a read of a denied file was NOT blocked"
     raise PreflightError(
         f"codex's workspace-write sandbox does not work on this host ({cause}; codex said: "
         f"{result.output or 'nothing'}). Give the container what bubblewrap needs (user namespaces, "

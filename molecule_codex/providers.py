@@ -3,13 +3,20 @@
 Three kinds of provider exist:
 
 * ``openai``: OpenAI's API with an API key. Codex 0.163 ``app-server`` does **not** read
-  ``OPENAI_API_KEY`` from its environment (verified: no ``Authorization`` header is sent); it reads
-  the key from ``$CODEX_HOME/auth.json`` as ``{"auth_mode": "apikey", "OPENAI_API_KEY": …}``, the
-  exact file ``codex login --with-api-key`` writes. We write that file ourselves (0600, atomic), so
-  the key never appears in argv, logs or a child's stdin.
+  ``OPENAI_API_KEY`` or ``CODEX_API_KEY`` from its environment (verified: no ``Authorization``
+  header is sent); it reads the key from ``$CODEX_HOME/auth.json`` as
+  ``{"auth_mode": "apikey", "OPENAI_API_KEY": …}``, the exact file ``codex login --with-api-key``
+  writes. We write that file ourselves (0600, atomic), so the key never appears in argv, logs or a
+  child's stdin; the agent's commands cannot read it (CODEX_HOME is denied by our permission
+  profile, see ``read_deny``).
 * ``chatgpt``: a ChatGPT subscription login: ``auth.json`` with OAuth tokens, seeded from the
   ``CODEX_AUTH_JSON`` env var or already present in ``$CODEX_HOME``. A seed never overwrites an
   on-disk file whose ``last_refresh`` is newer (codex or the platform rotated the tokens since).
+  The app-server's host-supplied token mode (``account/login/start`` with ``chatgptAuthTokens``)
+  would keep tokens off disk, but 0.163 marks it "FOR OPENAI INTERNAL USE ONLY - DO NOT USE" and
+  its refresh request would make us a second refresher of a single-use refresh token (the
+  "refresh storm" the platform's refresher exists to prevent), so auth.json stays, behind the
+  profile's read deny.
 * custom: an entry of config.yaml's top-level ``providers:`` mapping, rendered as
   ``[model_providers.<name>]``; codex reads the key from the env var named by ``env_key``.
 
@@ -197,8 +204,19 @@ class ResolvedProvider:
     #: Env var names (or ``auth.json``) the credential comes from, for the boot report.
     credential_env_names: tuple[str, ...] = ()
     #: Extra env for the app-server child. Empty today: codex reads everything it needs from
-    #: auth.json or the (already inherited) env_key variable.
+    #: auth.json or the variables in :attr:`codex_env_names` (kept in its environment).
     child_env_additions: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def codex_env_names(self) -> tuple[str, ...]:
+        """Env vars codex itself must receive (``env_key`` and every ``env_http_headers`` value).
+
+        The app-server's environment is otherwise stripped of secret-looking names, and the shell
+        policy hides these same names from the agent's commands.
+        """
+        if self.entry is None:
+            return ()
+        return tuple(name for name in (self.entry.env_key, *self.entry.env_http_headers.values()) if name)
 
     @property
     def writes_model_provider(self) -> bool:

@@ -26,6 +26,7 @@ from molecule_codex.codex_config import (
     write_config_toml,
 )
 from molecule_codex.providers import ProviderEntry, ResolvedProvider
+from molecule_codex.read_deny import Location, ReadDeny, build_read_deny
 from molecule_codex.settings import Settings
 
 OPENAI = ResolvedProvider(name="openai", kind="openai", credential_env_names=("OPENAI_API_KEY",))
@@ -103,7 +104,9 @@ def test_full_render_contents():
     assert policy["inherit"] == "core" and policy["ignore_default_excludes"] is False
     for pattern in ("OPENAI_API_KEY", "CODEX_AUTH_JSON", "MOLECULE_*", "*TOKEN*", "*SECRET*", "*KEY*", "GW_KEY"):
         assert pattern in policy["exclude"]
-    assert config["sandbox_workspace_write"] == {"network_access": True}
+    assert config["default_permissions"] == "molecule"
+    assert config["permissions"]["molecule"] == {"extends": ":workspace", "network": {"enabled": True}}
+    assert "sandbox_workspace_write" not in config and "sandbox_mode" not in config  # either disables the profile
     assert config["features"] == {"plugins": False, "shell_snapshot": False, "unbounded_connection_retries": False}
     assert config["mcp_servers"]["molecule"] == {
         "command": "/usr/bin/python3",
@@ -120,7 +123,7 @@ def test_optional_parts_are_left_out():
     config = parse(render_config_toml(None, settings(), OPENAI, None))
     assert "model_reasoning_effort" not in config
     assert "mcp_servers" not in config
-    assert config["sandbox_workspace_write"] == {"network_access": False}
+    assert config["permissions"]["molecule"]["network"] == {"enabled": False}
 
 
 def test_mcp_tool_timeout_never_exceeds_the_turn_timeout():
@@ -311,6 +314,62 @@ def test_real_codex_accepts_our_config(binary, tmp_path, provider):
     text = render_config_toml(operator, settings(reasoning_effort="high", network_access=True), provider, MCP)
     write_config_toml(tmp_path, text)
     assert validate_config(binary, tmp_path, {"PATH": "/usr/bin:/bin"}) is None
+
+
+# --------------------------------------------------------------------------- permission profile
+
+
+def _deny(tmp_path: Path) -> ReadDeny:
+    state = tmp_path / "state dir"  # a space: the key must be quoted
+    state.mkdir()
+    return build_read_deny([Location(state, True), Location(tmp_path / "configs-token")], tmp_path / "ws")
+
+
+@pytest.mark.parametrize(("sandbox", "base"), [("auto", ":workspace"), ("workspace-write", ":workspace"),
+                                               ("read-only", ":read-only")])
+def test_sandboxed_modes_select_our_profile_with_its_denies(tmp_path, sandbox, base):
+    deny = _deny(tmp_path)
+    config = parse(render_config_toml(None, settings(sandbox=sandbox), OPENAI, None, deny))
+    assert config["default_permissions"] == "molecule"
+    profile = config["permissions"]["molecule"]
+    assert profile["extends"] == base
+    assert profile["filesystem"] == {str(tmp_path / "state dir"): "none", str(tmp_path / "configs-toke[n]"): "none"}
+
+
+def test_danger_full_access_has_no_profile(tmp_path):
+    config = parse(render_config_toml(None, settings(sandbox="danger-full-access"), OPENAI, None, _deny(tmp_path)))
+    assert "default_permissions" not in config and "permissions" not in config
+
+
+@pytest.mark.parametrize(
+    ("operator", "reason"),
+    [
+        ('sandbox_mode = "workspace-write"\n', "sandbox_mode"),
+        ('default_permissions = "mine"\n[permissions.mine]\nextends = ":workspace"\n', "'mine'"),
+        ('[permissions.molecule]\nextends = ":danger-full-access"\n', "its own [permissions.molecule]"),
+    ],
+)
+def test_operator_settings_that_disable_the_profile_are_reported(operator, reason):
+    rendered = render_config_toml(operator, settings(), OPENAI, None)
+    found = codex_config.profile_overridden(rendered)
+    assert found is not None and reason in found
+
+
+def test_our_own_profile_is_not_reported_as_overridden(tmp_path):
+    rendered = render_config_toml("[tui]\nanimations = false\n", settings(), OPENAI, None, _deny(tmp_path))
+    assert codex_config.profile_overridden(rendered) is None
+    assert codex_config.profile_overridden(None) is None
+
+
+@pytest.mark.real_codex
+def test_real_codex_accepts_the_profile_and_the_probe_config(binary, tmp_path):
+    deny = _deny(tmp_path)
+    home = tmp_path / "home"
+    write_config_toml(home, render_config_toml(None, settings(), GATEWAY, MCP, deny))
+    assert validate_config(binary, home, {"PATH": "/usr/bin:/bin"}) is None
+    probe_home = tmp_path / "probe-home"
+    write_config_toml(probe_home, codex_config.profile_config_text("workspace-write", True, deny))
+    assert validate_config(binary, probe_home, {"PATH": "/usr/bin:/bin"}) is None
 
 
 @pytest.mark.real_codex
