@@ -1,7 +1,10 @@
 """``molecule-codex``: run the codex adapter without the Molecule platform.
 
 * ``serve``: preflight (the adapter's ``setup()``), then A2A on 127.0.0.1:8000 with uvicorn.
-* ``doctor``: the preflight report, one line per check; exit 1 on any failure.
+* ``connect``: External Connect: register with the platform, heartbeat, answer the workspace's
+  messages (poll the activity feed, or push with ``--public-url``); see ``molecule_codex.connect``.
+* ``doctor``: the preflight report, one line per check (and the platform when ``PLATFORM_URL`` is
+  set); exit 1 on any failure.
 * ``demo``: the offline demo (scripted model on loopback, real codex, real A2A client).
 * ``--version``: our version and the codex binary's.
 
@@ -80,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--task-store", default=os.environ.get("MOLECULE_CODEX_TASK_STORE"),
                        help="SQLAlchemy URL for tasks (default: SQLite in the state directory)")
     serve.add_argument("--max-body-bytes", type=int, default=None, help="request body cap (default 32 MiB)")
+    connect = commands.add_parser("connect", help="External Connect: answer a platform workspace from this machine")
+    _add_host_options(connect)
+    connect.add_argument("--platform-url", default=os.environ.get("PLATFORM_URL"),
+                         help="the platform URL from the External Connect modal (env PLATFORM_URL)")
+    connect.add_argument("--workspace-id", default=os.environ.get("WORKSPACE_ID"),
+                         help="the workspace id from the modal (env WORKSPACE_ID); the token is read from "
+                              "MOLECULE_WORKSPACE_TOKEN, MOLECULE_WORKSPACE_TOKEN_FILE or $CONFIGS_DIR/.auth_token")
+    connect.add_argument("--public-url", default=os.environ.get("MOLECULE_CODEX_PUBLIC_URL"),
+                         help="push mode: the https:// URL the platform calls (default: poll mode, no URL needed)")
+    connect.add_argument("--host", default=DEFAULT_HOST, help="push mode: local listen address")
+    connect.add_argument("--port", type=int, default=DEFAULT_PORT, help="push mode: local listen port")
+    connect.add_argument("--poll-interval", type=float, default=5.0, help=argparse.SUPPRESS)
+    connect.add_argument("--heartbeat-interval", type=float, default=20.0, help=argparse.SUPPRESS)
     doctor = commands.add_parser("doctor", help="print the preflight report")
     _add_host_options(doctor)
     demo = commands.add_parser("demo", help="offline demo: scripted model, real codex, real A2A client")
@@ -109,7 +125,13 @@ async def _doctor(args: argparse.Namespace) -> int:
     report = await adapter.preflight(adapter.standalone_config(args.config))
     print(report.render())
     print("credentials: " + ", ".join(f"{name}={state}" for name, state in adapter.credential_report().items()))
-    return 0 if report.ok else 1
+    platform_ok = True
+    if os.environ.get("PLATFORM_URL"):
+        from molecule_codex.connect.doctor import platform_report
+
+        lines, platform_ok = await platform_report(adapter, dict(os.environ))
+        print("\n".join(lines))
+    return 0 if report.ok and platform_ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_serve(args))
     if args.command == "doctor":
         return asyncio.run(_doctor(args))
+    if args.command == "connect":
+        from molecule_codex.connect.runner import run_connect
+
+        return asyncio.run(run_connect(args, dict(os.environ)))
     from molecule_codex.demo.run import run_demo
 
     return asyncio.run(run_demo())

@@ -55,6 +55,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from molecule_codex.identity import CLIENT_CONTEXT_ID_STATE
+from molecule_codex.reply_usage import CALL_CONTEXT_ATTR, counted
 
 logger = logging.getLogger(__name__)
 
@@ -269,14 +270,22 @@ PRIVATE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 
 class _CallContextBuilder(DefaultServerCallContextBuilder):
-    """The SDK's call context without credentials (the user is already resolved from them)."""
+    """The SDK's call context without credentials (the user is already resolved from them), left
+    on the request too so :func:`reply_usage.counted` knows which method a reply answers."""
 
     def build(self, request: Request) -> ServerCallContext:
         context = super().build(request)
         headers = context.state.get("headers")
         if isinstance(headers, dict):
             context.state["headers"] = {k: v for k, v in headers.items() if k.lower() not in PRIVATE_HEADERS}
+        setattr(request.state, CALL_CONTEXT_ATTR, context)
         return context
+
+
+def _jsonrpc_routes(handler: DefaultRequestHandler) -> list[Route]:
+    """JSON-RPC (1.0 and 0.3) at ``/``, its replies carrying usage the platform can count."""
+    routes = create_jsonrpc_routes(handler, rpc_url="/", context_builder=_CallContextBuilder(), enable_v0_3_compat=True)
+    return [Route(route.path, counted(route.endpoint), methods=list(route.methods or ())) for route in routes]
 
 
 class ClientContextRecorder(SimpleRequestContextBuilder):
@@ -318,7 +327,7 @@ def build_app(
     )
     routes = [
         *create_agent_card_routes(card),
-        *create_jsonrpc_routes(handler, rpc_url="/", context_builder=_CallContextBuilder(), enable_v0_3_compat=True),
+        *_jsonrpc_routes(handler),
         Route(HEALTH_PATH, _health, methods=["GET"]),
         *extra_routes,
     ]

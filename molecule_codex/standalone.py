@@ -42,18 +42,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def card_host(bind: str) -> str:
-    """The host name the card advertises for a server bound to ``bind``: ``localhost`` for a
-    loopback (what clients and conformance suites expect) or wildcard bind (no one address to
-    name), an IPv6 literal in brackets, any other host as given."""
-    if is_loopback(bind) or bind in ("0.0.0.0", "::"):
-        return "localhost"
-    with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(bind).version == 6:
-            return f"[{bind}]"
-    return bind
-
-
 def parse_tokens(raw: str | None) -> tuple[str, ...]:
     """Comma-separated bearer tokens, one per caller."""
     return tuple(token.strip() for token in (raw or "").split(",") if token.strip())
@@ -120,40 +108,69 @@ def host_options_from(args: argparse.Namespace, env: dict[str, str]) -> Any:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Stack:
+    """The served pieces without HTTP: set-up adapter, its executor, the task store and the config."""
+
+    adapter: Any
+    config: Any
+    executor: Any
+    store: Any
+    state_dir: Path
+
+
 @contextlib.asynccontextmanager
-async def serving(args: argparse.Namespace, *, env: dict[str, str] | None = None) -> AsyncIterator[Running]:
-    """Preflight, build and start the whole stack on ``args.host:args.port``; stop it on exit."""
+async def stack(args: argparse.Namespace, *, env: dict[str, str] | None = None) -> AsyncIterator[Stack]:
+    """Preflight and set up the adapter, its executor and the task store; tear them down on exit.
+
+    ``serve`` puts HTTP in front of it; ``connect`` drives the same request handler from the
+    platform's inbox (poll) or behind the platform's inbound secret (push).
+    """
     from molecule_codex.adapter import CodexAdapter  # import late: --version must not need the stack
-    from molecule_codex.host import build_agent_card, build_app, create_task_store, running_server, task_store_url
+    from molecule_codex.host import create_task_store, task_store_url
 
     host_options = host_options_from(args, dict(os.environ if env is None else env))
-    state_dir = host_options.state_dir
     adapter = CodexAdapter(host=host_options)
     config = adapter.standalone_config(args.config)
     await adapter.setup(config)
-    executor = await adapter.create_executor(config)
-    store = create_task_store(task_store_url(state_dir, args.task_store))
-    await store.fail_unfinished()
-    public_host = card_host(args.host)
-    card = build_agent_card(
-        f"http://{public_host}:{args.port}/",
-        name=config.runtime_config.get("name") or "codex",
-        description=adapter.description(),
-        version=_our_version(),
-    )
-    tokens = parse_tokens(getattr(args, "token", None))
-    body_cap = {"max_body_bytes": args.max_body_bytes} if getattr(args, "max_body_bytes", None) else {}
-    app, handler = build_app(executor, card=card, task_store=store, tokens=tokens, **body_cap)
-    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="off",
-                               timeout_graceful_shutdown=GRACEFUL_HTTP_SHUTDOWN_S)
-    server = _Server(uv_config, adapter)
+    store = None
     try:
-        async with running_server(server, card, public_host) as (url, task):
-            logger.info("serving A2A on %s (codex thread per conversation; state in %s)", url, state_dir)
-            yield Running(url, adapter, server, task)
-            if not task.done():
-                await adapter.shutdown("the agent is shutting down")
+        executor = await adapter.create_executor(config)
+        store = create_task_store(task_store_url(host_options.state_dir, getattr(args, "task_store", None)))
+        await store.fail_unfinished()
+        yield Stack(adapter, config, executor, store, host_options.state_dir)
     finally:
         await adapter.shutdown("the agent is shutting down")
-        await handler.aclose()
-        await store.engine.dispose()
+        if store is not None:
+            await store.engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def serving(args: argparse.Namespace, *, env: dict[str, str] | None = None) -> AsyncIterator[Running]:
+    """Preflight, build and start the whole stack on ``args.host:args.port``; stop it on exit."""
+    from molecule_codex.host import build_agent_card, build_app, running_server
+
+    async with stack(args, env=env) as parts:
+        adapter, config = parts.adapter, parts.config
+        public_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        card = build_agent_card(
+            f"http://{public_host}:{args.port}/",
+            name=config.runtime_config.get("name") or "codex",
+            description=adapter.description(),
+            version=_our_version(),
+        )
+        tokens = parse_tokens(getattr(args, "token", None))
+        body_cap = {"max_body_bytes": args.max_body_bytes} if getattr(args, "max_body_bytes", None) else {}
+        app, handler = build_app(parts.executor, card=card, task_store=parts.store, tokens=tokens, **body_cap)
+        uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="off",
+                                   timeout_graceful_shutdown=GRACEFUL_HTTP_SHUTDOWN_S)
+        server = _Server(uv_config, adapter)
+        try:
+            async with running_server(server, card, public_host) as (url, task):
+                logger.info("serving A2A on %s (codex thread per conversation; state in %s)", url, parts.state_dir)
+                yield Running(url, adapter, server, task)
+                if not task.done():
+                    await adapter.shutdown("the agent is shutting down")
+        finally:
+            await adapter.shutdown("the agent is shutting down")
+            await handler.aclose()

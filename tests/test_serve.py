@@ -256,7 +256,10 @@ async def test_serve_end_to_end_v1_streaming_non_streaming_and_v03(launcher):
         card = (await http.get("/.well-known/agent-card.json")).json()
         interfaces = {(i["protocolBinding"], i["protocolVersion"]) for i in card["supportedInterfaces"]}
         assert {("JSONRPC", "1.0"), ("JSONRPC", "0.3")} <= interfaces
-        assert all(i["url"] == served.url for i in card["supportedInterfaces"])
+        # Bound to 127.0.0.1: the card names it localhost, as clients and conformance suites expect.
+        assert all(i["url"] == f"http://localhost:{served.port}/" for i in card["supportedInterfaces"])
+        assert card["url"] == f"http://localhost:{served.port}/"
+        assert card["capabilities"]["pushNotifications"] is False
         assert card["capabilities"]["streaming"] is True
 
         async with a2a_client(served.url, streaming=True) as client:
