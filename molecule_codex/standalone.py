@@ -42,6 +42,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def card_host(bind: str) -> str:
+    """The host name the card advertises for a server bound to ``bind``: ``localhost`` for a
+    loopback (what clients and conformance suites expect) or wildcard bind (no one address to
+    name), an IPv6 literal in brackets, any other host as given."""
+    if is_loopback(bind) or bind in ("0.0.0.0", "::"):
+        return "localhost"
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(bind).version == 6:
+            return f"[{bind}]"
+    return bind
+
+
 def parse_tokens(raw: str | None) -> tuple[str, ...]:
     """Comma-separated bearer tokens, one per caller."""
     return tuple(token.strip() for token in (raw or "").split(",") if token.strip())
@@ -152,7 +164,7 @@ async def serving(args: argparse.Namespace, *, env: dict[str, str] | None = None
 
     async with stack(args, env=env) as parts:
         adapter, config = parts.adapter, parts.config
-        public_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        public_host = card_host(args.host)
         card = build_agent_card(
             f"http://{public_host}:{args.port}/",
             name=config.runtime_config.get("name") or "codex",
