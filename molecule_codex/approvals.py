@@ -428,6 +428,11 @@ class PendingApproval:
         future = self._ensure_future()
         try:
             answer = await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.CancelledError:
+            # Our waiter is gone (AppServer's own deadline, shutdown): AppServer declines on its
+            # behalf, so a late reply must not be reported as accepted.
+            self._resolve(self.decline_answer("wait cancelled"), "timeout")
+            raise
         except TimeoutError:
             if self._resolve(self.decline_answer(f"no answer within {timeout:g}s"), "timeout"):
                 logger.info("approval %s id=%s timed out after %gs", self.request.method, self.request.id, timeout)

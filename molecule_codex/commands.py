@@ -333,7 +333,8 @@ def turn_overrides(
     Precedence: message metadata (``model``, ``reasoning_effort``; this turn only), then the
     conversation's /model and /effort, then the configured defaults. Both are sent on every turn
     because codex keeps per-turn overrides for later turns. When no effort is chosen anywhere, the
-    catalog default of the model is sent (omitted for a model the catalog does not know).
+    catalog default of the model is sent (omitted for a model the catalog does not know); so is a
+    sticky or configured effort the model does not support (a metadata effort is refused instead).
     """
     metadata = metadata or {}
     model_id = host.choice.model or host.configured_model
@@ -345,6 +346,10 @@ def turn_overrides(
         effort = check_effort(requested_effort, model_id, catalog)
     else:
         effort = host.choice.effort or host.configured_effort
+        model = _find(catalog, model_id)
+        if effort is not None and model is not None and effort not in model.efforts:
+            logger.info("effort %s not supported by %s; using its default %s", effort, model_id, model.default_effort)
+            effort = None
     if effort is None and (model := _find(catalog, model_id)) is not None:
         effort = model.default_effort
     overrides = {"model": model_id}

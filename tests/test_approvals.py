@@ -553,3 +553,15 @@ def test_effective_timeout() -> None:
 async def test_waiting_line_names_the_request() -> None:
     pending = await pending_for(COMMAND_APPROVAL, command="rm -rf build", cwd="/w", itemId="i")
     assert pending.waiting_line() == "Waiting for an answer on an earlier request: Codex wants to run a command."
+
+
+async def test_a_cancelled_wait_settles_the_request_so_a_late_reply_is_not_accepted() -> None:
+    """AppServer cancels a policy past its own deadline and declines; the person must not see "accepted"."""
+    pending = await pending_for(COMMAND_APPROVAL, command="ls", cwd="/w", itemId="i")
+    waiter = asyncio.create_task(pending.wait(30))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    late = pending.offer("approve")
+    assert not late.accepted and late.summary == "already answered"

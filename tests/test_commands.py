@@ -323,6 +323,10 @@ async def test_overrides_reach_the_model_and_do_not_leak_into_the_next_message(
         sub.close()
     assert sent() == (CATALOG_MODEL, "xhigh")
 
+    host.configured_effort, host.choice = "ultra", ModelChoice()  # configured, but gpt-5.5 lacks it
+    await host.turn("five and a half")
+    assert sent() == (CATALOG_MODEL, "medium")
+
     with pytest.raises(CommandError, match="is not one of the models codex knows"):
         await host.turn("six", {"model": "gpt-imaginary"})
     with pytest.raises(CommandError, match="is not a reasoning effort"):
