@@ -5,8 +5,13 @@ Design invariants:
 * stdout is one ordered stream, so exactly one reader task consumes it. It routes responses by
   request id, notifications by thread id, and hands server→client requests to the policy.
 * Every await is bounded: requests time out (codex silently ignores lines it cannot parse, so a
-  request may never be answered), the handshake times out, close() escalates EOF → SIGTERM →
-  SIGKILL with a deadline at each step.
+  request may never be answered) and the bound covers writing the request too; every other write
+  has its own bound. A write that cannot finish means the child stopped reading: it is marked
+  hung (everything waiting on it fails) and the next use replaces it. The handshake times out,
+  close() escalates EOF → SIGTERM → SIGKILL with a deadline at each step.
+* Signals reach only our own processes: a child's pid (and group) is signalled only while that
+  pid still names the process we started (its start time is checked), so a late stop never hits
+  a process that reused the number.
 * Every server→client request gets exactly one answer; when the policy is slow or fails, the
   safe refusal from :func:`server_requests.decline_answer` goes out instead.
 * Failure is total and explicit: when the child exits or stdout closes, every pending request
@@ -54,6 +59,8 @@ START_TIMEOUT_S = 30.0
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
 #: How long the policy may think about a server request before we decline on its behalf.
 SERVER_REQUEST_DEADLINE_S = 30.0
+#: Bound on a write that is not part of a request (notifications, answers to codex's requests).
+WRITE_TIMEOUT_S = 10.0
 #: Codex answers overload with -32001; retry a few times with jitter, then give up.
 OVERLOADED_CODE = -32001
 OVERLOAD_RETRIES = 5
@@ -166,11 +173,12 @@ class ThreadSubscription:
     received), so a consumer never waits on a dead process.
     """
 
-    def __init__(self, owner: AppServer, thread_id: str) -> None:
+    def __init__(self, owner: AppServer, thread_id: str, wakeup: asyncio.Event | None = None) -> None:
         self._owner = owner
         self.thread_id = thread_id
         self._events: collections.deque[Notification] = collections.deque()
-        self._wakeup = asyncio.Event()
+        #: Set on every event and on failure; a caller may share one event across several sources.
+        self._wakeup = wakeup or asyncio.Event()
         self._failure: BaseException | None = None
         self._dropped = 0
         self.closed = False
@@ -196,8 +204,12 @@ class ThreadSubscription:
         return len(self._events)
 
     def get_nowait(self) -> Notification | None:
-        """The next buffered event, or None."""
-        return self._events.popleft() if self._events else None
+        """The next buffered event, or None; raises AppServerExited once drained after the child died."""
+        if self._events:
+            return self._events.popleft()
+        if self._failure is not None:
+            raise self._failure
+        return None
 
     async def get(self, timeout: float | None = None) -> Notification:
         """The next event; raises TimeoutError after ``timeout`` s, AppServerExited on death."""
@@ -264,6 +276,7 @@ class AppServer:
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         start_timeout: float = START_TIMEOUT_S,
         server_request_deadline: float = SERVER_REQUEST_DEADLINE_S,
+        write_timeout: float = WRITE_TIMEOUT_S,
         backoff: RestartBackoff | None = None,
         strict_config: bool = False,
     ) -> None:
@@ -276,6 +289,7 @@ class AppServer:
         self._max_line_bytes = max_line_bytes
         self._start_timeout = start_timeout
         self._server_request_deadline = server_request_deadline
+        self._write_timeout = write_timeout
         self._backoff = backoff or RestartBackoff()
         #: --strict-config: codex refuses unknown config.toml keys and exits before initialize.
         self._strict_config = strict_config
@@ -295,6 +309,7 @@ class AppServer:
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._exit: AppServerExited | None = AppServerExited("not started")
         self._started_at: float | None = None
+        self._child_start: int | None = None  # /proc start time of the current child: proof a pid is still it
         self._closed = False
         self.generation = 0
         self.init_result: Mapping[str, Any] = {}
@@ -406,6 +421,7 @@ class AppServer:
             limit=self._max_line_bytes,
             start_new_session=True,
         )
+        self._child_start = _start_time(self._proc.pid)
         self._exit = None
         self.generation += 1
         self._started_at = time.monotonic()
@@ -451,17 +467,18 @@ class AppServer:
             # No longer "running" while it stops (seconds, for a hung child): ensure_running() callers
             # wait for the replacement instead of sending requests the stop is about to fail.
             self._exit = AppServerExited(reason)
-        children = descendants(proc.pid)
+        # Walked only while the pid is still our child: after a late stop it may name another process.
+        children = descendants(proc.pid) if _start_time(proc.pid) == self._child_start else []
         if proc.returncode is None:
             if proc.stdin is not None and not proc.stdin.is_closing():
                 proc.stdin.close()
             if not await _wait_exit(proc, CLOSE_EOF_WAIT_S):
-                _signal_group(proc.pid, signal.SIGTERM)
+                self._signal_child_group(proc, signal.SIGTERM)
                 if not await _wait_exit(proc, CLOSE_TERM_WAIT_S):
-                    _signal_group(proc.pid, signal.SIGKILL)
+                    self._signal_child_group(proc, signal.SIGKILL)
                     await _wait_exit(proc, CLOSE_KILL_WAIT_S)
         # Commands codex started may outlive it (an interrupt does not kill them).
-        _signal_group(proc.pid, signal.SIGKILL)
+        self._signal_child_group(proc, signal.SIGKILL)
         for pid in children:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
@@ -474,6 +491,19 @@ class AppServer:
             proc.stdin.close()
         if proc.returncode is not None:
             logger.info("codex app-server pid=%d stopped (%s) rc=%s", proc.pid, reason, proc.returncode)
+
+    def _signal_child_group(self, proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+        """Signal the child's process group, unless its number now belongs to someone else.
+
+        The group outlives the child while commands codex started still run in it; once the child
+        is reaped its pid may be reused, and a live process with that pid but another start time
+        means the number (and the group of the same number) is no longer ours.
+        """
+        leader = _start_time(proc.pid)
+        if leader is not None and leader != self._child_start:
+            logger.warning("codex pid=%d was reused by another process; not signalling it", proc.pid)
+            return
+        _signal_group(proc.pid, sig)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         """Start a background task we keep a strong reference to until it ends."""
@@ -509,37 +539,62 @@ class AppServer:
         if params is not None:
             message["params"] = params
         try:
-            await self._send(message)
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                await self._send(message)
+                return await future
         except TimeoutError:
             raise AppServerTimeout(method, timeout) from None
         finally:
             self._pending.pop(request_id, None)
 
     async def notify(self, method: str, params: Mapping[str, Any] | None = None) -> None:
-        """Send a notification (no answer expected)."""
+        """Send a notification (no answer expected), bounded like every write."""
         message: dict[str, Any] = {"method": method}
         if params is not None:
             message["params"] = params
-        await self._send(message)
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await self._send(message)
+        except TimeoutError:
+            raise AppServerTimeout(method, self._write_timeout) from None
 
     async def _send(self, message: Mapping[str, Any]) -> None:
+        """Write one line; the caller bounds it. A write that does not finish marks the child hung.
+
+        A child that stops reading (hung, SIGSTOP) leaves ``drain()`` waiting forever once the pipe
+        is full, and a line cut off by a timeout corrupts the stream: either way that child can
+        no longer be talked to, so everything waiting on it fails and the next use replaces it.
+        """
         proc = self._proc
         if proc is None or proc.stdin is None or self._exit is not None:
             raise self._exit or AppServerExited("not started")
         data = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        written = False
         try:
             async with self._write_lock:
+                if proc is not self._proc or self._exit is not None:
+                    raise self._exit or AppServerExited("replaced")
                 proc.stdin.write(data)
+                written = True
                 await proc.stdin.drain()
+                written = False
         except (ConnectionError, RuntimeError) as exc:
+            written = False
             raise AppServerExited(f"stdin closed ({exc.__class__.__name__})", proc.returncode) from exc
+        finally:
+            if written and proc is self._proc and self._exit is None:
+                logger.error("codex app-server pid=%d stopped reading its input; marking it hung", proc.pid)
+                self._fail_all(AppServerExited("stopped reading its input (hung)", None, self.stderr_tail()))
 
     # ------------------------------------------------------------------ subscriptions
 
-    def subscribe(self, thread_id: str) -> ThreadSubscription:
-        """Receive this thread's notifications, starting with any buffered before now."""
-        sub = ThreadSubscription(self, thread_id)
+    def subscribe(self, thread_id: str, *, wakeup: asyncio.Event | None = None) -> ThreadSubscription:
+        """Receive this thread's notifications, starting with any buffered before now.
+
+        ``wakeup`` (optional) is set on every event and on failure, so a consumer can wait on
+        this thread and on its own signals at once.
+        """
+        sub = ThreadSubscription(self, thread_id, wakeup)
         if self._exit is not None and self._exit.reason != "not started":
             sub._fail(self._exit)
         for event in self._orphans.pop(thread_id, ()):
@@ -661,9 +716,10 @@ class AppServer:
             answer.summary or "result",
         )
         try:
-            await self._send(answer.to_wire(request.id))
-        except AppServerExited:
-            logger.info("could not answer %s id=%s: app-server gone", request.method, request.id)
+            async with asyncio.timeout(self._write_timeout):
+                await self._send(answer.to_wire(request.id))
+        except (AppServerExited, TimeoutError):
+            logger.info("could not answer %s id=%s: app-server gone or hung", request.method, request.id)
 
     async def _drain_stderr(self, proc: asyncio.subprocess.Process) -> None:
         """Read stderr continuously so the child never blocks on a full pipe."""
@@ -695,7 +751,7 @@ class AppServer:
         if proc is not self._proc or self._exit is not None:
             return
         logger.error("codex app-server pid=%d %s rc=%s", proc.pid, reason, proc.returncode)
-        _signal_group(proc.pid, signal.SIGKILL)
+        self._signal_child_group(proc, signal.SIGKILL)
         self._fail_all(AppServerExited(reason, proc.returncode, self.stderr_tail()))
 
     def _fail_all(self, exc: AppServerExited) -> None:
@@ -731,6 +787,17 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
     """Signal the child's process group; a group that is already gone is fine."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc field 22), or None if no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()  # field 3 (state) onwards
+    return int(fields[19]) if len(fields) > 19 else None
 
 
 def descendants(root: int) -> list[int]:

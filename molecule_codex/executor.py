@@ -1,8 +1,8 @@
 """The A2A ``AgentExecutor`` that turns A2A messages into codex turns.
 
-Message path: A2A request → :class:`CodexExecutor` → one :class:`Conversation` per context id →
-its codex thread (persisted, resumed on demand) → ``turn/start`` on the shared app-server →
-codex notifications → :class:`turn.TurnState` → A2A events.
+Message path: A2A request → :class:`CodexExecutor` → the :class:`Conversation` of its key → a
+:class:`Request` in that conversation's queue → the conversation's one worker → ``turn/start``
+on the shared app-server → codex notifications → :class:`turn.TurnState` → A2A events.
 
 | codex                                   | A2A                                                        |
 |-----------------------------------------|------------------------------------------------------------|
@@ -11,25 +11,46 @@ codex notifications → :class:`turn.TurnState` → A2A events.
 | command / file change / MCP tool / plan | status ``working`` with one readable line                  |
 | ``error`` willRetry                     | status ``working`` "retrying: …"                           |
 | ``turn/completed`` completed            | ``answer`` replaced by the full text; ``completed`` + meta |
-| ``turn/completed`` failed               | ``failed`` with a user-readable reason                     |
+| ``turn/completed`` failed               | ``answer`` replaced by the reason; ``failed``              |
 | interrupted by our cancel / watchdog    | ``canceled`` (published by cancel()) / ``failed``          |
+
+The shape: ``execute()`` only validates, enqueues a :class:`Request` (its publisher plus a future)
+on its conversation and waits for that future. Each conversation has at most one worker task;
+the worker alone loads and unloads the thread and starts, steers and interrupts turns, taking
+requests from the queue in order. ``cancel()`` and ``shutdown()`` only mark and wake: the worker
+acts at its next step. There is no other state machine.
 
 Invariants:
 
-* every task reaches a terminal state; ``execute()`` never raises except ``CancelledError``;
-* turns of one conversation never overlap (a2a-sdk serializes per task, not per context):
-  ``on_busy = queue`` runs the next message as its own turn, ``steer`` joins the running turn
-  and answers with that turn's reply;
-* the codex turn belongs to the conversation, not to the request: when the framework cancels
-  ``execute()``, the turn is interrupted and drained before the next turn may start, because a
-  ``turn/start`` on a busy thread silently merges into the stale turn;
-* history is never silently lost: a thread that cannot be resumed is replaced *and* the caller
-  is told in a status message.
+* every task reaches a terminal state, and its ``answer`` artifact holds the text of that state
+  (the full answer, or the failed/canceled sentence): readers that take the first artifact's text
+  never see a fragment; ``execute()`` never raises except ``CancelledError``;
+* turns of one conversation never overlap: only its worker sends ``turn/start``; ``on_busy =
+  queue`` runs the next request as its own turn, ``steer`` joins it to the running turn and that
+  turn's reply answers every request riding it (its token usage is counted on one task only);
+* a task id runs at most one turn: a message naming a task that is running or answered is
+  refused without touching that task;
+* codex events reach a turn only when they carry its (threadId, turnId); everything else is
+  dropped, so late events of an older turn never leak into a newer one;
+* a turn we abandon (cancel, watchdog, shutdown) is interrupted, its background commands are
+  cleaned up, and it is drained before the next turn starts (a ``turn/start`` on a busy thread
+  silently merges into the stale turn); a turn is interrupted on cancel only when every request
+  riding it was canceled;
+* after ``shutdown()`` began no turn starts and no request is steered: queued requests fail in
+  order with a shutdown sentence;
+* an idle thread is unloaded only by its own worker, so unloading never races a message;
+  unloading archives the thread (codex then stops its MCP server processes), and resuming
+  unarchives it;
+* history is never silently lost: a thread is replaced only when codex says it no longer has it
+  (and the caller is told); any other resume failure fails the request and keeps the binding;
+* nothing blocking runs on the event loop (the conversation map and attachment decoding run in
+  a worker thread), and callers never see store errors, paths or other internals.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -50,12 +71,11 @@ from molecule_codex.app_server import (
     AppServerError,
     AppServerExited,
     AppServerTimeout,
-    Notification,
     ThreadSubscription,
 )
 from molecule_codex.conversations import ConversationStore, ConversationStoreError
 from molecule_codex.inputs import CodexInput, InputBuilder, InputError
-from molecule_codex.turn import MessageStarted, Progress, TextDelta, TurnState
+from molecule_codex.turn import MessageStarted, Progress, TextDelta, TurnState, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +92,21 @@ INTERRUPT_TIMEOUT_S = 3.0
 INTERRUPT_SETTLE_S = 5.0
 #: How often idle conversations are looked at for unloading.
 SWEEP_INTERVAL_S = 60.0
+#: Task ids answered lately: a follow-up naming one is refused even before the SDK stored the answer.
+RECENT_TASKS = 4096
+WAITING_LINE = "Waiting for the previous message of this conversation to finish."
+JOINED_LINE = "Added to the running turn of this conversation."
+SHUTTING_DOWN = "The agent is shutting down; send the message again shortly."
+HISTORY_HEADER = (
+    "Earlier conversation history (context only, already answered; the new message follows it):"
+)
+HISTORY_FOOTER = "End of earlier conversation history."
 _EXPECTED_TURN_RE = re.compile(r"expected active turn id (\S+) but found (\S+)")
+#: codex's words for "this thread no longer exists here" (resume cannot bring it back).
+#: Observed on 0.163: a deleted rollout gives "no rollout found", a damaged one "failed to read session metadata".
+_THREAD_GONE = ("no rollout found", "thread not found", "failed to read session metadata", "failed to load rollout")
+_ARCHIVED = "is archived"
+_PATH_RE = re.compile(r"(?:~|\.{1,2})?(?:/[^\s/:'\"`]+){2,}/?")
 
 
 class TurnHooks(Protocol):
@@ -104,6 +138,7 @@ class ExecutorOptions:
     max_concurrent_turns: int = 32
     idle_unload_after: float = 1800.0
     thread_config: Mapping[str, Any] | None = None
+    workspace_id: str | None = None  # the platform's WORKSPACE_ID: scopes conversations without contextId
 
 
 @dataclass(slots=True)
@@ -118,8 +153,8 @@ class TurnResult:
 class Publisher:
     """Publishes one task's events; stops quietly once terminal or detached.
 
-    ``detach()`` is called when the request that owns this task is cancelled: the A2A side
-    has (or will have) the CANCELED event from ``cancel()``, so nothing more may follow.
+    ``detach()`` is called when the request is canceled: ``cancel()`` publishes CANCELED through
+    its own queue, so nothing more may follow from here.
     """
 
     def __init__(self, queue: EventQueue, task_id: str, context_id: str) -> None:
@@ -174,56 +209,86 @@ class Publisher:
         self._chunks += 1
 
     async def finish(self, result: TurnResult) -> None:
-        """Terminal event, after the answer artifact is replaced by the final text.
+        """The answer artifact replaced by the final text, then the terminal status.
 
-        On COMPLETED that text is the full answer. A turn that fails after streaming part of an
-        answer gets its reason there instead, so nobody reading the first artifact takes the
-        fragment for an answer.
+        Always both, whatever the state: readers that take the first artifact's text then see
+        the answer, or the reason there is none, and never a streamed fragment.
         """
         if not self.active:
             return
         self.terminal = True
-        if result.state == TaskState.TASK_STATE_COMPLETED or self.has_chunks:
-            await self._updater.add_artifact(
-                [Part(text=result.text)],
-                artifact_id=ANSWER_ARTIFACT_ID,
-                name=ANSWER_ARTIFACT_NAME,
-                append=False,
-                last_chunk=True,
-            )
+        await self._updater.add_artifact(
+            [Part(text=result.text)],
+            artifact_id=ANSWER_ARTIFACT_ID,
+            name=ANSWER_ARTIFACT_NAME,
+            append=False,
+            last_chunk=True,
+        )
         message = self._updater.new_agent_message([Part(text=result.text)], metadata=result.metadata or None)
         await self._updater.update_status(result.state, message=message, metadata=result.metadata or None)
 
 
-@dataclass(slots=True)
-class ActiveTurn:
-    """One request's turn: queued, running, or joined to another (steer)."""
+@dataclass(eq=False, slots=True)
+class Request:
+    """One A2A message: waiting in its conversation's queue, or riding a turn."""
 
     task_id: str
     publisher: Publisher
-    text_preview: str
+    codex_input: CodexInput
+    message_id: str
+    history: str | None = None  # earlier turns, for a brand-new thread only
+    wakeup: asyncio.Event | None = None  # its conversation's worker, woken on cancel
+    canceled: bool = False
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def waiting_for_answer(self) -> bool:
+        return self.publisher.active
+
+    async def finish(self, result: TurnResult) -> None:
+        try:
+            await self.publisher.finish(result)
+        finally:
+            if not self.done.done():
+                self.done.set_result(None)
+
+
+@dataclass(eq=False, slots=True)
+class Turn:
+    """The codex turn a worker runs, and the requests riding it (the first started it)."""
+
+    riders: list[Request]
     state: TurnState | None = None
-    turn_id: str | None = None
-    started: bool = False
-    cancel_requested: bool = False
-    stop_reason: str | None = None  # why we interrupted it, when not a cancel
+    stop_reason: str | None = None  # why we interrupted it (cancel, watchdog, shutdown)
+    watchdog: bool = False  # the stop was our time limit: the turn failed, whatever codex says
     interrupt_sent: bool = False
-    worker: asyncio.Task[None] | None = None
-    result: asyncio.Future[TurnResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def turn_id(self) -> str | None:
+        return self.state.turn_id if self.state else None
+
+    @property
+    def wanted(self) -> bool:
+        """Whether any request still waits for this turn's answer."""
+        return any(not rider.canceled for rider in self.riders)
 
 
-@dataclass(slots=True)
+@dataclass(eq=False, slots=True)
 class Conversation:
-    """One A2A context and its codex thread."""
+    """One conversation key, its codex thread, its queue and its worker."""
 
-    context_id: str
+    key: str
     thread_id: str | None = None
+    looked_up: bool = False  # thread_id was read from the store
     loaded_generation: int = 0
     subscription: ThreadSubscription | None = None
-    active: ActiveTurn | None = None
-    waiting: int = 0
+    fresh_thread: bool = False  # started (not resumed) and no turn sent yet: history may seed it
+    queue: collections.deque[Request] = field(default_factory=collections.deque)
+    turn: Turn | None = None
+    worker: asyncio.Task[None] | None = None
+    unload: bool = False
     last_used: float = field(default_factory=time.monotonic)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class CodexExecutor(AgentExecutor):
@@ -242,349 +307,405 @@ class CodexExecutor(AgentExecutor):
         self.hooks = hooks
         self._inputs = InputBuilder(options.workspace, options.max_input_chars)
         self._conversations: dict[str, Conversation] = {}
-        self._turns: dict[str, ActiveTurn] = {}
+        self._requests: dict[str, Request] = {}  # task id -> request not yet answered
+        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._slots = asyncio.Semaphore(max(1, options.max_concurrent_turns))
         self._background: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        self._closing = False
+        self._closing: str | None = None  # the shutdown reason, once shutdown began
 
     # ------------------------------------------------------------------ A2A entry points
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
-        """Run one A2A message as a codex turn; always ends the task in a terminal state."""
+        """Queue one A2A message on its conversation and wait until its task is terminal."""
         task_id = context.task_id or str(uuid.uuid4())
         context_id = _context_id(context, task_id)
         publisher = Publisher(event_queue, task_id, context_id)
+        request: Request | None = None
         try:
-            if context.current_task is None:
-                await publisher.task(context.message)
-            if self._closing:
-                await publisher.finish(_failed("The agent is shutting down; send the message again shortly."))
+            if context.current_task is not None and await self._refuse_rerun(context, publisher):
                 return
-            codex_input = self._inputs.build(context.message)
+            await publisher.task(context.message)
+            if self._closing:
+                await publisher.finish(_failed(SHUTTING_DOWN))
+                return
+            codex_input = await asyncio.to_thread(self._inputs.build, context.message)
             message_id = context.message.message_id if context.message else ""
-            await self._run(_conversation_key(context, context_id), task_id, codex_input, message_id, publisher)
+            identity = _identify(context, context_id, self.options.workspace_id)
+            request = Request(task_id, publisher, codex_input, message_id, identity.history)
+            await self._submit(identity.key, request)
+            await request.done
         except asyncio.CancelledError:
-            publisher.detach()
+            if request is not None:
+                self._abandon(request)
             raise
         except InputError as exc:
             await publisher.finish(_failed(f"Cannot run this message: {exc}"))
         except Exception:
-            reference = uuid.uuid4().hex[:8]
-            logger.exception("executor error ref=%s task=%s context=%s", reference, task_id, context_id)
+            reference = _internal_error(f"task={task_id} context={context_id}")
             with contextlib.suppress(Exception):
-                await publisher.finish(
-                    _failed(f"molecule-codex hit an internal error (reference {reference}); see the agent's log.")
-                )
+                await publisher.finish(_failed(_internal_text(reference)))
+        finally:
+            if request is not None and request.done.done():
+                self._forget(request)
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
-        """Interrupt the codex turn (or drop the queued message) and publish CANCELED ourselves."""
+        """Mark the request canceled (its worker interrupts or skips it) and publish CANCELED ourselves."""
         task_id = context.task_id or ""
         context_id = _context_id(context, task_id)
-        turn = self._turns.get(task_id)
-        if turn is None or turn.publisher.terminal:
-            # Already answered (or not started here): CANCELED now would overwrite the stored result.
+        request = self._requests.get(task_id)
+        if request is None or not request.waiting_for_answer:
+            # Already answered (or not running here): CANCELED now would overwrite the stored result.
             # The SDK cancels the request and marks a task that is still open CANCELED itself.
             logger.info("turn cancel task=%s context=%s: no running turn", task_id, context_id)
             return
-        turn.cancel_requested = True
-        turn.publisher.detach()
-        if turn.started:
-            await self._interrupt_for(turn, "canceled by request")
-        elif turn.worker is not None and not turn.worker.done():
-            turn.worker.cancel()  # still queued: it never starts
-        logger.info("turn cancel task=%s context=%s started=%s", task_id, context_id, turn.started)
-        publisher = Publisher(event_queue, task_id, context_id)
-        await publisher.finish(_canceled())
+        self._abandon(request)
+        logger.info("turn cancel task=%s context=%s", task_id, context_id)
+        await Publisher(event_queue, task_id, context_id).finish(_canceled())
 
-    # ------------------------------------------------------------------ ordering per conversation
+    async def _refuse_rerun(self, context: RequestContext, publisher: Publisher) -> bool:
+        """A message naming an existing task: that task already has (or will have) its one turn.
 
-    def _conversation(self, context_id: str) -> Conversation:
-        conversation = self._conversations.get(context_id)
-        if conversation is None:
-            conversation = Conversation(context_id, thread_id=self.store.get(context_id))
-            self._conversations[context_id] = conversation
-        self._ensure_sweeper()
-        return conversation
-
-    async def _run(
-        self, context_id: str, task_id: str, codex_input: CodexInput, message_id: str, publisher: Publisher
-    ) -> None:
-        conversation = self._conversation(context_id)
-        if self.options.on_busy == "steer" and await self._try_steer(conversation, task_id, codex_input, publisher):
-            return
-        turn = ActiveTurn(task_id, publisher, codex_input.text[:200])
-        self._turns[task_id] = turn
-        turn.worker = asyncio.get_running_loop().create_task(
-            self._turn_worker(conversation, turn, codex_input, message_id), name=f"turn-{task_id}"
-        )
-        self._background.add(turn.worker)
-        turn.worker.add_done_callback(self._background.discard)
-        try:
-            # The worker owns the codex turn; cancelling this request must not abandon it mid-flight.
-            await asyncio.shield(turn.worker)
-        except asyncio.CancelledError:
-            if _being_cancelled():
-                raise
-            # cancel() dropped the queued worker and published CANCELED itself.
-        finally:
-            if turn.worker.done():
-                self._turns.pop(task_id, None)
-            else:
-                turn.worker.add_done_callback(lambda _t: self._turns.pop(task_id, None))
-
-    async def _turn_worker(
-        self, conversation: Conversation, turn: ActiveTurn, codex_input: CodexInput, message_id: str
-    ) -> None:
-        conversation.waiting += 1
-        queued = True
-        try:
-            if conversation.lock.locked():
-                await turn.publisher.working("Waiting for the previous message of this conversation to finish.")
-            async with conversation.lock, self._slots:
-                conversation.waiting -= 1
-                queued = False
-                if turn.cancel_requested:
-                    return
-                conversation.active = turn
-                turn.started = True
-                try:
-                    result = await self._run_turn(conversation, turn, codex_input, message_id)
-                except Exception:
-                    # A bug of ours, not a codex failure (execute() reports it): requests that joined
-                    # this turn must still end, and the codex turn must not run on unattended.
-                    self._settle(turn, _failed("The turn this message joined hit an internal error; see the "
-                                               "agent's log."))
-                    with contextlib.suppress(Exception):
-                        await self._interrupt_for(turn, "internal error")
-                    raise
-                finally:
-                    conversation.active = None
-                    conversation.last_used = time.monotonic()
-                self._settle(turn, result)
-        except asyncio.CancelledError:
-            if not turn.result.done():
-                turn.result.cancel()
-            if turn.started and turn.publisher.active:
-                # Cancelled from inside (shutdown gave up waiting): the task must still end.
-                with contextlib.suppress(Exception):
-                    await turn.publisher.finish(_failed(f"The turn was stopped: {turn.stop_reason or 'aborted'}."))
-            raise
-        finally:
-            if queued:
-                conversation.waiting -= 1
-
-    def _settle(self, turn: ActiveTurn, result: TurnResult) -> None:
-        if not turn.result.done():
-            turn.result.set_result(result)
-
-    async def _try_steer(
-        self, conversation: Conversation, task_id: str, codex_input: CodexInput, publisher: Publisher
-    ) -> bool:
-        """Join the running turn; True when this request was answered with that turn's reply."""
-        active = conversation.active
-        if active is None or active.turn_id is None or active.cancel_requested or conversation.thread_id is None:
-            return False
-        try:
-            await self.app.request(
-                "turn/steer",
-                {"threadId": conversation.thread_id, "expectedTurnId": active.turn_id, "input": codex_input.items},
-                timeout=self._request_timeout(TURN_START_TIMEOUT_S),
-            )
-        except (AppServerError, AppServerExited) as exc:
-            logger.info("steer not possible context=%s (%s); queueing instead", conversation.context_id, exc)
-            return False
-        logger.info("turn steer task=%s joined turn=%s context=%s", task_id, active.turn_id, conversation.context_id)
-        await publisher.working("Added to the running turn of this conversation.")
-        joined = ActiveTurn(task_id, publisher, codex_input.text[:200], started=True)
-        self._turns[task_id] = joined
-        try:
-            result = await asyncio.shield(active.result)
-        except asyncio.CancelledError:
-            if _being_cancelled():
-                raise
-            result = _failed("The turn this message joined ended before producing a reply.")
-        finally:
-            self._turns.pop(task_id, None)
-        if not joined.cancel_requested:
-            await publisher.finish(result)
+        Running it again would answer twice and overwrite a stored answer, so it is refused.
+        For a task running or answered here nothing is published (the SDK hands the caller that
+        task's outcome); any other open task ends FAILED, so no caller waits forever.
+        """
+        task = context.current_task
+        assert task is not None
+        ours = publisher.task_id in self._requests or publisher.task_id in self._recent
+        logger.warning("refused a second message for task=%s (state %s, running here: %s)",
+                       publisher.task_id, TaskState.Name(task.status.state), ours)
+        if ours or task.status.state in _TERMINAL:
+            return True
+        await publisher.finish(_failed(
+            "This task is no longer running here; send the message again without a task id."
+        ))
         return True
+
+    # ------------------------------------------------------------------ requests and workers
+
+    async def _submit(self, key: str, request: Request) -> None:
+        """Put ``request`` in its conversation's queue and make sure a worker takes it."""
+        self._requests[request.task_id] = request
+        conversation = self._conversations.get(key)
+        if conversation is None:
+            conversation = self._conversations[key] = Conversation(key)
+        busy = conversation.turn is not None or bool(conversation.queue)
+        request.wakeup = conversation.wakeup
+        conversation.queue.append(request)
+        self._start_worker(conversation)
+        self._ensure_sweeper()
+        if busy and not (self.options.on_busy == "steer" and conversation.turn is not None):
+            await request.publisher.working(WAITING_LINE)
+
+    def _start_worker(self, conversation: Conversation) -> None:
+        conversation.wakeup.set()
+        if conversation.worker is None:
+            conversation.worker = asyncio.get_running_loop().create_task(
+                self._work(conversation), name=f"conversation-{conversation.key}"
+            )
+
+    def _abandon(self, request: Request) -> None:
+        """The caller no longer wants an answer: stop publishing, let the worker skip or interrupt."""
+        request.canceled = True
+        request.publisher.detach()
+        if not request.done.done():
+            request.done.set_result(None)
+        if request.wakeup is not None:
+            request.wakeup.set()
+
+    def _forget(self, request: Request) -> None:
+        if self._requests.get(request.task_id) is request:
+            del self._requests[request.task_id]
+        self._recent[request.task_id] = None
+        while len(self._recent) > RECENT_TASKS:
+            self._recent.popitem(last=False)
+
+    async def _work(self, conversation: Conversation) -> None:
+        """The conversation's one worker: unload if asked, then each queued request in order."""
+        try:
+            if conversation.unload:
+                await self._unload(conversation)
+            while conversation.queue:
+                request = conversation.queue.popleft()
+                if not request.waiting_for_answer:
+                    continue
+                async with self._slots:
+                    if self._closing:
+                        await request.finish(_failed(SHUTTING_DOWN))
+                        continue
+                    await self._run_turn(conversation, request)
+        except Exception:
+            reference = _internal_error(f"conversation={conversation.key}")
+            await self._fail_waiting(conversation, _failed(_internal_text(reference)))
+        finally:
+            # No await between the last look at the queue and this: a request queued now starts a new worker.
+            conversation.worker = None
+            if conversation.queue:
+                self._start_worker(conversation)
+            elif conversation.subscription is None and self._conversations.get(conversation.key) is conversation:
+                del self._conversations[conversation.key]  # nothing loaded: the store remembers the thread
+
+    async def _fail_waiting(self, conversation: Conversation, result: TurnResult) -> None:
+        """End every request of the conversation still waiting (the worker cannot go on)."""
+        riders = conversation.turn.riders if conversation.turn else []
+        conversation.turn = None
+        while conversation.queue:
+            riders.append(conversation.queue.popleft())
+        for request in riders:
+            with contextlib.suppress(Exception):
+                await request.finish(result)
 
     # ------------------------------------------------------------------ one codex turn
 
-    async def _run_turn(
-        self, conversation: Conversation, turn: ActiveTurn, codex_input: CodexInput, message_id: str
-    ) -> TurnResult:
+    async def _run_turn(self, conversation: Conversation, request: Request) -> None:
         started = time.monotonic()
-        publisher = turn.publisher
-        await publisher.working()
+        turn = Turn([request])
+        conversation.turn = turn
+        await request.publisher.working()
+        preview = request.codex_input.text[:200]
         if self.hooks:
-            self.hooks.turn_started(conversation.context_id, turn.text_preview)
+            self.hooks.turn_started(conversation.key, preview)
         result: TurnResult | None = None
         try:
+            result = await self._turn_result(conversation, turn)
+        except Exception:
+            # A bug of ours, not a codex failure: every rider still ends, and the codex turn is stopped.
+            reference = _internal_error(f"context={conversation.key} task={request.task_id}")
+            result = _failed(_internal_text(reference))
+            with contextlib.suppress(Exception):
+                await self._interrupt(turn, "internal error")
+        finally:
+            conversation.turn = None
+            conversation.last_used = time.monotonic()
+            if self.hooks:
+                self.hooks.turn_finished(conversation.key, result is not None and result.state == _COMPLETED)
+        state = turn.state
+        logger.info(
+            "turn end context=%s thread=%s task=%s turn=%s state=%s riders=%d duration=%.2fs "
+            "tokens_in=%d tokens_out=%d",
+            conversation.key, conversation.thread_id, request.task_id, turn.turn_id, TaskState.Name(result.state),
+            len(turn.riders), time.monotonic() - started,
+            state.usage.input_tokens if state else 0, state.usage.output_tokens if state else 0,
+        )
+        await self._answer(turn, result)
+
+    async def _answer(self, turn: Turn, result: TurnResult) -> None:
+        """Publish the turn's outcome to each rider still waiting; usage is counted on the first one."""
+        counted_on: str | None = None
+        for rider in turn.riders:
+            if not rider.waiting_for_answer:
+                continue
+            metadata = dict(result.metadata)
+            if counted_on is None:
+                counted_on = rider.task_id
+            elif "usage" in metadata:
+                metadata["usage"] = Usage().as_dict()
+                metadata["usage_counted_on_task"] = counted_on
+            await rider.finish(TurnResult(result.state, result.text, metadata))
+
+    async def _turn_result(self, conversation: Conversation, turn: Turn) -> TurnResult:
+        """Run the turn; every codex failure becomes a readable FAILED result."""
+        try:
             try:
-                result = await self._drive(conversation, turn, codex_input, message_id)
+                return await self._drive(conversation, turn)
             except AppServerExited as exc:
-                if turn.turn_id is not None or turn.cancel_requested:
+                if turn.turn_id is not None or not turn.wanted:
                     raise
                 # codex died before this turn began (e.g. killed just before the message arrived): nothing
                 # of the turn ran, so it gets one fresh child instead of a "send it again".
                 logger.warning("codex exited before the turn started context=%s (%s); trying once more",
-                               conversation.context_id, exc)
+                               conversation.key, exc)
                 self._detach_thread(conversation)
-                result = await self._drive(conversation, turn, codex_input, message_id)
+                return await self._drive(conversation, turn)
         except AppServerExited as exc:
-            result = _failed(
+            self._detach_thread(conversation)
+            return _failed(
                 "The codex process stopped unexpectedly"
                 + (f" (exit code {exc.returncode})" if exc.returncode is not None else "")
                 + ". Send the message again to continue: the conversation resumes from its saved history."
             )
-            self._detach_thread(conversation)
         except ConversationStoreError as exc:
-            result = _failed(f"The conversation could not be saved: {exc}")
+            logger.error("conversation map write failed context=%s: %s", conversation.key, exc)
+            return _failed("The agent could not save this conversation (its state directory is full or not "
+                           "writable); see the agent's log.")
         except AppServerTimeout as exc:
             # A child that answers nothing is hung (not just slow): replace it, or every later message waits too.
-            logger.error("codex did not answer %s context=%s; restarting it", exc.method, conversation.context_id)
+            logger.error("codex did not answer %s context=%s; restarting it", exc.method, conversation.key)
             self._detach_thread(conversation)
             self._spawn_background(self._restart_app(f"no answer to {exc.method}", self.app.generation))
-            result = _failed(
+            return _failed(
                 f"codex stopped answering (no answer to {exc.method} within {exc.timeout:g}s) and is being restarted. "
                 "Send the message again to continue: the conversation resumes from its saved history."
             )
         except AppServerError as exc:
-            logger.warning("codex refused a request context=%s: %s", conversation.context_id, exc)
-            result = _failed(f"codex refused the request: {exc.message}")
-        finally:
-            ok = result is not None and result.state == TaskState.TASK_STATE_COMPLETED
-            if self.hooks:
-                self.hooks.turn_finished(conversation.context_id, ok)
-        state = turn.state
-        logger.info(
-            "turn end context=%s thread=%s task=%s turn=%s state=%s duration=%.2fs tokens_in=%d tokens_out=%d",
-            conversation.context_id,
-            conversation.thread_id,
-            turn.task_id,
-            turn.turn_id,
-            TaskState.Name(result.state),
-            time.monotonic() - started,
-            state.usage.input_tokens if state else 0,
-            state.usage.output_tokens if state else 0,
-        )
-        await publisher.finish(result)
-        return result
+            logger.warning("codex refused a request context=%s: %s", conversation.key, exc)
+            return _failed(f"codex refused the request: {_for_caller(exc.message)}")
 
-    async def _drive(
-        self, conversation: Conversation, turn: ActiveTurn, codex_input: CodexInput, message_id: str
-    ) -> TurnResult:
+    async def _drive(self, conversation: Conversation, turn: Turn) -> TurnResult:
+        request = turn.riders[0]
         try:
             await self.app.ensure_running()
         except (AppServerExited, AppServerError, OSError) as exc:
+            logger.error("codex app-server unavailable: %s", exc)
             if self.hooks:
                 self.hooks.app_server_unavailable(str(exc))
-            return _failed(f"codex is not available right now ({exc}); the agent will retry on the next message.")
-        await self._load_thread(conversation, turn.publisher)
-        assert conversation.thread_id is not None and conversation.subscription is not None
-        subscription = conversation.subscription
-        while subscription.get_nowait() is not None:
-            pass  # late events of earlier turns (e.g. a command that outlived its turn)
-        if turn.cancel_requested:
-            # Canceled while codex restarted or the thread loaded: the message never reaches codex.
-            return _canceled()
-        params: dict[str, Any] = {"threadId": conversation.thread_id, "input": codex_input.items}
-        if message_id:
-            params["clientUserMessageId"] = message_id
+            return _failed("codex is not available right now; the agent will retry on the next message "
+                           "(the agent's log says why).")
+        await self._load_thread(conversation, request.publisher)
+        if not turn.wanted:
+            return _canceled()  # canceled while codex restarted or the thread loaded: codex never sees it
+        if self._closing:
+            return _failed(SHUTTING_DOWN)
+        items = list(request.codex_input.items)
+        if conversation.fresh_thread and request.history:
+            items.insert(0, {"type": "text", "text": f"{HISTORY_HEADER}\n\n{request.history}\n\n{HISTORY_FOOTER}"})
+        params: dict[str, Any] = {"threadId": conversation.thread_id, "input": items}
+        if request.message_id:
+            params["clientUserMessageId"] = request.message_id
+        timeout = self._request_timeout(TURN_START_TIMEOUT_S)
         try:
-            started = await self.app.request("turn/start", params, timeout=self._request_timeout(TURN_START_TIMEOUT_S))
+            started = await self.app.request("turn/start", params, timeout=timeout)
         except AppServerError as exc:
-            if "thread not found" not in exc.message:
+            if "thread not found" not in exc.message or isinstance(exc, AppServerTimeout):
                 raise
             # codex unloaded the thread behind our back: resume it and try once more.
             self._detach_thread(conversation)
-            await self._load_thread(conversation, turn.publisher)
+            await self._load_thread(conversation, request.publisher)
             params["threadId"] = conversation.thread_id
-            subscription = conversation.subscription
-            assert subscription is not None
-            started = await self.app.request("turn/start", params, timeout=self._request_timeout(TURN_START_TIMEOUT_S))
-        turn.turn_id = str(started["turn"]["id"])
-        turn.state = TurnState(thread_id=conversation.thread_id, turn_id=turn.turn_id)
-        logger.info(
-            "turn start context=%s thread=%s task=%s turn=%s",
-            conversation.context_id, conversation.thread_id, turn.task_id, turn.turn_id,
-        )
-        if turn.cancel_requested:
-            await self._interrupt_for(turn, "canceled before it started")
-        return await self._consume(conversation, turn, subscription)
+            started = await self.app.request("turn/start", params, timeout=timeout)
+        conversation.fresh_thread = False
+        assert conversation.thread_id is not None
+        turn.state = TurnState(thread_id=conversation.thread_id, turn_id=str(started["turn"]["id"]))
+        logger.info("turn start context=%s thread=%s task=%s turn=%s",
+                    conversation.key, conversation.thread_id, request.task_id, turn.turn_id)
+        return await self._follow(conversation, turn)
 
-    async def _consume(
-        self, conversation: Conversation, turn: ActiveTurn, subscription: ThreadSubscription
-    ) -> TurnResult:
-        """Read the turn's events until ``turn/completed``, with the inactivity and total bounds."""
-        state = turn.state
-        assert state is not None
-        publisher = turn.publisher
-        deadline = time.monotonic() + self.options.turn_timeout
+    async def _follow(self, conversation: Conversation, turn: Turn) -> TurnResult:
+        """Publish the turn's events until ``turn/completed``; steer, cancel and time limits on the way.
+
+        One loop wakes on codex events, on new requests and cancels (``conversation.wakeup``) and
+        on its own deadlines, so the worker alone decides everything about the running turn.
+        """
+        state, subscription = turn.state, conversation.subscription
+        assert state is not None and subscription is not None
+        options = self.options
+        deadline = time.monotonic() + options.turn_timeout
+        last_progress = time.monotonic()
+        settle_until: float | None = None
         generation = self.app.generation
-        timeout_reason: str | None = None
-        while not state.done:
-            remaining = deadline - time.monotonic()
-            wait = min(self.options.inactivity_timeout, remaining)
-            if timeout_reason is not None:
-                wait = INTERRUPT_SETTLE_S
-            try:
-                event = await subscription.get(timeout=max(wait, 0.0))
-            except TimeoutError:
-                if timeout_reason is not None:
+        while True:
+            conversation.wakeup.clear()
+            if await self._publish_events(conversation, turn, subscription):
+                last_progress = time.monotonic()
+            if state.done:
+                break
+            await self._steer_waiting(conversation, turn)
+            now = time.monotonic()
+            if turn.interrupt_sent:
+                if settle_until is not None and now >= settle_until:
                     # Interrupted but no turn/completed: the child is stuck; replace it.
                     logger.error("codex did not finish turn %s after interrupt; restarting app-server", turn.turn_id)
                     self._detach_thread(conversation)
                     self._spawn_background(self._restart_app("turn did not stop after interrupt", generation))
                     break
-                timeout_reason = (
-                    f"the turn exceeded its time limit of {self.options.turn_timeout:g}s"
-                    if remaining <= self.options.inactivity_timeout
-                    else f"codex made no progress for {self.options.inactivity_timeout:g}s"
-                )
-                logger.warning("turn watchdog context=%s turn=%s: %s", conversation.context_id, turn.turn_id,
-                               timeout_reason)
-                if not await self._interrupt_for(turn, timeout_reason):
-                    self._detach_thread(conversation)
-                    self._spawn_background(self._restart_app("codex stopped answering", generation))
-                    break
-                continue
-            await self._publish_batch(state, publisher, event, subscription)
-        self.store.touch(conversation.context_id)
-        return self._result(conversation, turn, timeout_reason)
+            else:
+                reason = self._stop_reason(turn, now, deadline, last_progress)
+                if reason is not None:
+                    if not await self._interrupt(turn, reason):
+                        self._detach_thread(conversation)
+                        self._spawn_background(self._restart_app("codex stopped answering", generation))
+                        break
+                    settle_until = time.monotonic() + INTERRUPT_SETTLE_S
+                    continue
+            wake_at = settle_until if turn.interrupt_sent and settle_until else min(
+                deadline, last_progress + options.inactivity_timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(conversation.wakeup.wait(), max(0.0, wake_at - time.monotonic()))
+        self._spawn_background(asyncio.to_thread(self.store.touch, conversation.key))
+        return self._result(conversation, turn)
 
-    async def _publish_batch(
-        self, state: TurnState, publisher: Publisher, event: Notification, subscription: ThreadSubscription
-    ) -> None:
-        """Publish ``event`` and every event already waiting behind it, text deltas merged.
+    def _stop_reason(self, turn: Turn, now: float, deadline: float, last_progress: float) -> str | None:
+        """Why the running turn must be interrupted now, if it must."""
+        if not turn.wanted:
+            return "canceled by request"
+        if self._closing:
+            return self._closing
+        if now >= deadline:
+            turn.watchdog = True
+            return f"the turn exceeded its time limit of {self.options.turn_timeout:g}s"
+        if now - last_progress >= self.options.inactivity_timeout:
+            turn.watchdog = True
+            logger.warning("turn watchdog turn=%s: no progress for %gs", turn.turn_id, self.options.inactivity_timeout)
+            return f"codex made no progress for {self.options.inactivity_timeout:g}s"
+        return None
+
+    async def _publish_events(self, conversation: Conversation, turn: Turn, subscription: ThreadSubscription) -> bool:
+        """Publish every event waiting for this turn, text deltas merged; True if any was the turn's.
 
         Each A2A event costs a task-store write and a client frame; deltas that arrived together
-        go out as one chunk. The first delta is never held back: nothing waits for more input.
+        go out as one chunk. Raises AppServerExited once the child is gone and nothing is left.
         """
+        state = turn.state
+        assert state is not None
         text: list[str] = []
-        next_event: Notification | None = event
-        while next_event is not None:
-            if state.belongs(next_event):
-                for out in state.feed(next_event):
-                    if isinstance(out, TextDelta):
-                        text.append(out.delta)
-                    elif isinstance(out, MessageStarted):
-                        if publisher.has_chunks or text:
-                            text.append(MESSAGE_SEPARATOR)
-                    elif isinstance(out, Progress):
-                        if text:  # keep the order: text so far, then the tool line
-                            await publisher.chunk("".join(text))
-                            text.clear()
-                        await publisher.working(out.text)
-            if state.done:
-                break
-            next_event = subscription.get_nowait()
+        progressed = False
+        while not state.done and (event := subscription.get_nowait()) is not None:
+            if event.turn_id != state.turn_id:
+                logger.debug("dropped %s of thread=%s turn=%s (not the running turn)",
+                             event.method, event.thread_id, event.turn_id)
+                continue
+            progressed = True
+            for out in state.feed(event):
+                if isinstance(out, TextDelta):
+                    text.append(out.delta)
+                elif isinstance(out, MessageStarted):
+                    if turn.riders[0].publisher.has_chunks or text:
+                        text.append(MESSAGE_SEPARATOR)
+                elif isinstance(out, Progress):
+                    if text:  # keep the order: text so far, then the tool line
+                        await self._to_riders(turn, "".join(text), chunk=True)
+                        text.clear()
+                    await self._to_riders(turn, out.text, chunk=False)
         if text:
-            await publisher.chunk("".join(text))
+            await self._to_riders(turn, "".join(text), chunk=True)
+        return progressed
 
-    def _result(self, conversation: Conversation, turn: ActiveTurn, timeout_reason: str | None) -> TurnResult:
+    async def _to_riders(self, turn: Turn, text: str, *, chunk: bool) -> None:
+        """Stream a chunk (to the request that started the turn) or a status line (to every rider)."""
+        if chunk:
+            await turn.riders[0].publisher.chunk(text)
+            return
+        for rider in turn.riders:
+            await rider.publisher.working(text)
+
+    async def _steer_waiting(self, conversation: Conversation, turn: Turn) -> None:
+        """``on_busy = steer``: join queued requests to the running turn (else they wait their turn)."""
+        if self.options.on_busy != "steer" or self._closing or turn.interrupt_sent or not turn.wanted:
+            return
+        while conversation.queue:
+            request = conversation.queue[0]
+            if not request.waiting_for_answer:
+                conversation.queue.popleft()
+                continue
+            try:
+                await self.app.request(
+                    "turn/steer",
+                    {"threadId": conversation.thread_id, "expectedTurnId": turn.turn_id,
+                     "input": request.codex_input.items},
+                    timeout=self._request_timeout(TURN_START_TIMEOUT_S),
+                )
+            except (AppServerError, AppServerExited) as exc:
+                logger.info("steer not possible context=%s (%s); queueing instead", conversation.key, exc)
+                await request.publisher.working(WAITING_LINE)
+                return
+            conversation.queue.popleft()
+            turn.riders.append(request)
+            logger.info("turn steer task=%s joined turn=%s context=%s", request.task_id, turn.turn_id,
+                        conversation.key)
+            await request.publisher.working(JOINED_LINE)
+
+    def _result(self, conversation: Conversation, turn: Turn) -> TurnResult:
         state = turn.state
         assert state is not None
         metadata: dict[str, Any] = {
@@ -595,47 +716,59 @@ class CodexExecutor(AgentExecutor):
         }
         if state.trace_dropped:
             metadata["tool_trace_dropped"] = state.trace_dropped
-        if timeout_reason is not None:
-            return TurnResult(TaskState.TASK_STATE_FAILED, f"The turn was stopped: {timeout_reason}.", metadata)
+        if turn.watchdog or (turn.stop_reason and not state.done):
+            return TurnResult(_FAILED, f"The turn was stopped: {turn.stop_reason}.", metadata)
         if state.status == "completed":
-            return TurnResult(TaskState.TASK_STATE_COMPLETED, state.answer(), metadata)
+            return TurnResult(_COMPLETED, state.answer(), metadata)
         if state.status == "interrupted":
-            if turn.cancel_requested:
+            if not turn.wanted:
                 return _canceled(metadata)
             reason = turn.stop_reason or "codex interrupted the turn"
-            return TurnResult(TaskState.TASK_STATE_FAILED, f"The turn was stopped: {reason}.", metadata)
+            return TurnResult(_FAILED, f"The turn was stopped: {reason}.", metadata)
         failure = state.failure
-        text = failure.message if failure else "codex could not complete the turn."
         if failure:
             metadata["error_category"] = failure.category
-        return TurnResult(TaskState.TASK_STATE_FAILED, text, metadata)
+        return TurnResult(_FAILED, failure.message if failure else "codex could not complete the turn.", metadata)
 
-    async def _interrupt_for(self, turn: ActiveTurn, reason: str) -> bool:
-        """Send ``turn/interrupt`` once for this turn; False when codex did not answer at all."""
-        if turn.interrupt_sent or turn.turn_id is None or turn.state is None:
+    async def _interrupt(self, turn: Turn, reason: str) -> bool:
+        """Interrupt the turn once and stop its background commands; False when codex did not answer."""
+        if turn.interrupt_sent or turn.state is None:
             return True
         turn.interrupt_sent = True
-        thread_id = turn.state.thread_id
-        target = turn.turn_id
+        turn.stop_reason = reason
+        thread_id, target = turn.state.thread_id, turn.state.turn_id
+        answered = True
         for _attempt in range(2):
             try:
                 await self.app.request(
                     "turn/interrupt", {"threadId": thread_id, "turnId": target}, timeout=INTERRUPT_TIMEOUT_S
                 )
                 logger.info("turn interrupt thread=%s turn=%s (%s)", thread_id, target, reason)
-                return True
+                break
             except AppServerTimeout:
-                return False
+                answered = False
+                break
             except AppServerExited:
-                return True  # the subscription reports the death
+                break  # the subscription reports the death
             except AppServerError as exc:
                 match = _EXPECTED_TURN_RE.search(exc.message)
                 if match and match.group(2) != target:
                     target = match.group(2)
                     continue
                 logger.info("turn interrupt thread=%s turn=%s: %s", thread_id, target, exc.message)
-                return True
-        return True
+                break
+        if answered:
+            await self._clean_background(thread_id)
+        return answered
+
+    async def _clean_background(self, thread_id: str) -> None:
+        """Stop the commands the agent left running: ``turn/interrupt`` does not."""
+        try:
+            await self.app.request("thread/backgroundTerminals/clean", {"threadId": thread_id},
+                                   timeout=INTERRUPT_TIMEOUT_S)
+            logger.info("background terminals cleaned thread=%s", thread_id)
+        except (AppServerError, AppServerExited) as exc:
+            logger.warning("background terminals not cleaned thread=%s: %s", thread_id, exc)
 
     # ------------------------------------------------------------------ threads
 
@@ -665,38 +798,53 @@ class CodexExecutor(AgentExecutor):
     async def _load_thread(self, conversation: Conversation, publisher: Publisher) -> None:
         """Make sure the conversation's thread is loaded in the current app-server generation."""
         generation = self.app.generation
-        if conversation.thread_id and conversation.loaded_generation == generation and conversation.subscription:
+        if conversation.subscription is not None and conversation.loaded_generation == generation:
             return
         self._detach_thread(conversation)
+        if not conversation.looked_up:
+            conversation.thread_id = await asyncio.to_thread(self.store.get, conversation.key)
+            conversation.looked_up = True
         params = self._thread_params()
         if conversation.thread_id:
-            try:
-                await self.app.request(
-                    "thread/resume",
-                    {"threadId": conversation.thread_id, "excludeTurns": True, **params},
-                    timeout=self._request_timeout(THREAD_REQUEST_TIMEOUT_S),
-                )
-                conversation.subscription = self.app.subscribe(conversation.thread_id)
+            if await self._resume(conversation, params):
+                conversation.subscription = self.app.subscribe(conversation.thread_id, wakeup=conversation.wakeup)
                 conversation.loaded_generation = generation
-                logger.info("thread resumed context=%s thread=%s", conversation.context_id, conversation.thread_id)
                 return
-            except AppServerError as exc:
-                if isinstance(exc, AppServerTimeout):
-                    raise
-                lost = conversation.thread_id
-                logger.warning("thread resume failed context=%s thread=%s: %s", conversation.context_id, lost, exc)
-                await publisher.working(
-                    "The earlier history of this conversation could not be restored (codex no longer has "
-                    f"thread {lost}); continuing in a new codex thread without it."
-                )
+            await publisher.working(
+                "The earlier history of this conversation could not be restored (codex no longer has "
+                f"thread {conversation.thread_id}); continuing in a new codex thread without it."
+            )
         result = await self.app.request("thread/start", params, timeout=self._request_timeout(THREAD_REQUEST_TIMEOUT_S))
         thread_id = str(result["thread"]["id"])
         # Saved first: a thread the map cannot hold must not be used, or its history is lost at the next restart.
-        self.store.bind(conversation.context_id, thread_id)
-        conversation.subscription = self.app.subscribe(thread_id)
+        await asyncio.to_thread(self.store.bind, conversation.key, thread_id)
+        conversation.subscription = self.app.subscribe(thread_id, wakeup=conversation.wakeup)
         conversation.thread_id = thread_id
         conversation.loaded_generation = generation
-        logger.info("thread started context=%s thread=%s", conversation.context_id, thread_id)
+        conversation.fresh_thread = True
+        logger.info("thread started context=%s thread=%s", conversation.key, thread_id)
+
+    async def _resume(self, conversation: Conversation, params: dict[str, Any]) -> bool:
+        """Resume the conversation's thread; False only when codex no longer has it (anything else raises)."""
+        thread_id = conversation.thread_id
+        timeout = self._request_timeout(THREAD_REQUEST_TIMEOUT_S)
+        resume = {"threadId": thread_id, "excludeTurns": True, **params}
+        try:
+            try:
+                await self.app.request("thread/resume", resume, timeout=timeout)
+            except AppServerError as exc:
+                if _ARCHIVED not in exc.message or isinstance(exc, AppServerTimeout):
+                    raise
+                # We archived it when it went idle (that is what frees its MCP servers).
+                await self.app.request("thread/unarchive", {"threadId": thread_id}, timeout=timeout)
+                await self.app.request("thread/resume", resume, timeout=timeout)
+        except AppServerError as exc:
+            if isinstance(exc, AppServerTimeout) or not any(words in exc.message for words in _THREAD_GONE):
+                raise
+            logger.warning("thread resume failed context=%s thread=%s: %s", conversation.key, thread_id, exc)
+            return False
+        logger.info("thread resumed context=%s thread=%s", conversation.key, thread_id)
+        return True
 
     def _detach_thread(self, conversation: Conversation) -> None:
         """Forget our live handle on the thread (it is resumed from its rollout next time)."""
@@ -734,58 +882,79 @@ class CodexExecutor(AgentExecutor):
             await self.unload_idle()
 
     async def unload_idle(self, now: float | None = None) -> int:
-        """Unload every idle conversation's thread now; returns how many were unloaded."""
+        """Unload every idle conversation's thread now (each by its own worker); returns how many."""
         now = time.monotonic() if now is None else now
-        unloaded = 0
-        for context_id, conversation in list(self._conversations.items()):
-            idle = now - conversation.last_used >= self.options.idle_unload_after
-            if not idle or conversation.lock.locked() or conversation.waiting:
+        workers = []
+        for conversation in list(self._conversations.values()):
+            if conversation.worker is not None or conversation.queue or self._closing:
+                continue  # busy, or a message is about to run: never unloaded under it
+            if now - conversation.last_used < self.options.idle_unload_after:
                 continue
-            thread_id = conversation.thread_id
-            if thread_id and conversation.loaded_generation == self.app.generation and self.app.running:
-                with contextlib.suppress(AppServerError, AppServerExited):
-                    await self.app.request("thread/unsubscribe", {"threadId": thread_id}, timeout=INTERRUPT_TIMEOUT_S)
-            self._detach_thread(conversation)
-            if thread_id:
-                self.app.forget_thread(thread_id)
-            del self._conversations[context_id]
-            unloaded += 1
-            logger.info("thread unloaded context=%s thread=%s (idle)", context_id, thread_id)
-        return unloaded
+            conversation.unload = True
+            self._start_worker(conversation)
+            workers.append(conversation.worker)
+        if workers:
+            await asyncio.wait(workers, timeout=2 * INTERRUPT_TIMEOUT_S + 1)
+        return len(workers)
+
+    async def _unload(self, conversation: Conversation) -> None:
+        """Archive the thread in codex (that stops its MCP servers) and drop our handle on it."""
+        conversation.unload = False
+        thread_id = conversation.thread_id
+        loaded = conversation.subscription is not None and conversation.loaded_generation == self.app.generation
+        if thread_id and loaded:
+            try:
+                await self.app.request("thread/archive", {"threadId": thread_id}, timeout=INTERRUPT_TIMEOUT_S)
+            except (AppServerError, AppServerExited) as exc:
+                logger.warning("thread unload context=%s thread=%s: %s", conversation.key, thread_id, exc)
+        self._detach_thread(conversation)
+        if thread_id:
+            self.app.forget_thread(thread_id)
+        logger.info("thread unloaded context=%s thread=%s (idle)", conversation.key, thread_id)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def shutdown(self, reason: str = "the agent is shutting down") -> None:
-        """Interrupt running turns (their tasks end FAILED with ``reason``), then close codex."""
-        self._closing = True
+        """Stop: running turns are interrupted (FAILED with ``reason``), queued requests fail, codex closes."""
+        self._closing = reason
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for turn in list(self._turns.values()):
-            if turn.started and not turn.result.done():
-                turn.stop_reason = reason
-                await self._interrupt_for(turn, reason)
-        pending = [t for t in self._background if not t.done()]
-        if pending:
-            _done, still = await asyncio.wait(pending, timeout=INTERRUPT_SETTLE_S)
-            for task in still:
-                task.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
-        await self.app.close()
+        for conversation in self._conversations.values():
+            conversation.wakeup.set()
+        workers = [c.worker for c in self._conversations.values() if c.worker is not None]
+        if workers:
+            await asyncio.wait(workers, timeout=INTERRUPT_TIMEOUT_S + INTERRUPT_SETTLE_S + 1)
+        await self.app.close()  # fails what still waits on codex, so the workers finish
+        workers = [c.worker for c in self._conversations.values() if c.worker is not None]
+        if workers:
+            await asyncio.wait(workers, timeout=INTERRUPT_SETTLE_S)
+        for request in list(self._requests.values()):
+            if request.waiting_for_answer:  # a worker that did not finish in time: the task still ends
+                with contextlib.suppress(Exception):
+                    await request.finish(_failed(f"The turn was stopped: {reason}."))
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
 
-def _conversation_key(context: RequestContext, context_id: str) -> str:
+_COMPLETED = TaskState.TASK_STATE_COMPLETED
+_FAILED = TaskState.TASK_STATE_FAILED
+_TERMINAL = frozenset({_COMPLETED, _FAILED, TaskState.TASK_STATE_CANCELED, TaskState.TASK_STATE_REJECTED})
+
+
+@dataclass(frozen=True, slots=True)
+class _Identity:
+    key: str
+    history: str | None = None
+
+
+def _identify(context: RequestContext, context_id: str, workspace_id: str | None) -> _Identity:
     """The conversation a message continues: per caller, so a context id another authenticated
     caller also uses neither shares nor reveals that caller's codex thread."""
     user = getattr(context.call_context, "user", None)
     if user is None or not user.is_authenticated or not user.user_name:
-        return context_id
-    return f"{user.user_name}/{context_id}"
-
-
-def _being_cancelled() -> bool:
-    """Whether the running asyncio task itself has a cancel request (not just something it awaited)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+        return _Identity(context_id)
+    return _Identity(f"{user.user_name}/{context_id}")
 
 
 def _context_id(context: RequestContext, task_id: str) -> str:
@@ -794,9 +963,25 @@ def _context_id(context: RequestContext, task_id: str) -> str:
     return context.current_task.context_id if context.current_task else (context.context_id or task_id)
 
 
+def _internal_error(where: str) -> str:
+    reference = uuid.uuid4().hex[:8]
+    logger.exception("executor error ref=%s %s", reference, where)
+    return reference
+
+
+def _internal_text(reference: str) -> str:
+    return f"molecule-codex hit an internal error (reference {reference}); see the agent's log."
+
+
+def _for_caller(text: str) -> str:
+    """codex's error text as a caller may see it: first line, bounded, file paths left out."""
+    line = (text.strip().splitlines() or [""])[0][:300]
+    return _PATH_RE.sub("<path>", line)
+
+
 def _canceled(metadata: dict[str, Any] | None = None) -> TurnResult:
     return TurnResult(TaskState.TASK_STATE_CANCELED, "Canceled by request.", metadata or {})
 
 
 def _failed(text: str) -> TurnResult:
-    return TurnResult(TaskState.TASK_STATE_FAILED, text)
+    return TurnResult(_FAILED, text)

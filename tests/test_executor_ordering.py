@@ -217,18 +217,22 @@ async def test_steer_joined_request_ends_when_the_turn_hits_an_internal_error(tm
     model.enqueue(Hold(gate, Text("held answer"), reached=reached), Hold(gate, Text("re-sampled"), reached=resampled))
     async with serve_codex(tmp_path, model, on_busy="steer", stream_idle_timeout_ms=30000) as served:
         executor = served.executor
-        original_consume = executor._consume
+        original_follow = executor._follow
         failing = asyncio.Event()
 
-        async def consume_once_then_fail(conversation, turn, subscription):
+        async def follow_once_then_fail(conversation, turn):
             if failing.is_set():
-                return await original_consume(conversation, turn, subscription)
+                return await original_follow(conversation, turn)
             failing.set()
-            await steered.wait()
+            async with asyncio.timeout(20):
+                while len(turn.riders) < 2:  # what the real loop does: join the waiting message
+                    await executor._steer_waiting(conversation, turn)
+                    await asyncio.sleep(0.05)
+                await steered.wait()
             raise RuntimeError("simulated executor bug")
 
         steered = asyncio.Event()
-        executor._consume = consume_once_then_fail
+        executor._follow = follow_once_then_fail
         client = await served.client(streaming=True)
         first = Call(client, user_message("first prompt", context_id="ctx-bug"))
         assert await asyncio.to_thread(reached.wait, 20)

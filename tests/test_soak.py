@@ -53,7 +53,8 @@ from a2a_rig import Call, final_answer, final_message, serve_codex, status_texts
 
 from molecule_codex.app_server import descendants
 from molecule_codex.demo.scripted_model import RecordedRequest, ScriptedModel, default_responder
-from molecule_codex.executor import ActiveTurn, CodexExecutor, ExecutorOptions, Publisher
+from molecule_codex.executor import CodexExecutor, ExecutorOptions, Publisher, Request
+from molecule_codex.inputs import CodexInput
 
 TERMINAL = {TaskState.TASK_STATE_COMPLETED, TaskState.TASK_STATE_CANCELED, TaskState.TASK_STATE_FAILED,
             TaskState.TASK_STATE_REJECTED}
@@ -463,9 +464,9 @@ async def soak(
                 await _check_store(report, clients)
                 for name, served in servers.items():
                     executor = served.executor
-                    if executor._turns:
-                        report.leftovers.append(f"{name}: executor still tracks turns {list(executor._turns)}")
-                    busy = [c for c, conv in executor._conversations.items() if conv.active or conv.waiting]
+                    if executor._requests:
+                        report.leftovers.append(f"{name}: executor still tracks requests {list(executor._requests)}")
+                    busy = [c for c, conv in executor._conversations.items() if conv.turn or conv.queue or conv.worker]
                     if busy:
                         report.leftovers.append(f"{name}: conversations still busy: {busy}")
             finally:
@@ -729,7 +730,7 @@ async def test_cancel_that_loses_the_race_publishes_nothing(tmp_path):
     await executor.cancel(RequestContext(ServerCallContext(), task_id="t-gone", context_id="c"), Queue())
     answered = Publisher(Queue(), "t-answered", "c")
     answered.terminal = True
-    executor._turns["t-answered"] = ActiveTurn("t-answered", answered, "x", started=True)
+    executor._requests["t-answered"] = Request("t-answered", answered, CodexInput(text="x"), "m")
     await executor.cancel(RequestContext(ServerCallContext(), task_id="t-answered", context_id="c"), Queue())
     assert events == []
-    assert not executor._turns["t-answered"].cancel_requested
+    assert not executor._requests["t-answered"].canceled
