@@ -74,6 +74,7 @@ from molecule_codex.app_server import (
     ThreadSubscription,
 )
 from molecule_codex.conversations import ConversationStore, ConversationStoreError
+from molecule_codex.identity import identify
 from molecule_codex.inputs import CodexInput, InputBuilder, InputError
 from molecule_codex.turn import MessageStarted, Progress, TextDelta, TurnState, Usage
 
@@ -331,7 +332,7 @@ class CodexExecutor(AgentExecutor):
                 return
             codex_input = await asyncio.to_thread(self._inputs.build, context.message)
             message_id = context.message.message_id if context.message else ""
-            identity = _identify(context, context_id, self.options.workspace_id)
+            identity = identify(context, workspace_id=self.options.workspace_id)
             request = Request(task_id, publisher, codex_input, message_id, identity.history)
             await self._submit(identity.key, request)
             await request.done
@@ -940,21 +941,6 @@ class CodexExecutor(AgentExecutor):
 _COMPLETED = TaskState.TASK_STATE_COMPLETED
 _FAILED = TaskState.TASK_STATE_FAILED
 _TERMINAL = frozenset({_COMPLETED, _FAILED, TaskState.TASK_STATE_CANCELED, TaskState.TASK_STATE_REJECTED})
-
-
-@dataclass(frozen=True, slots=True)
-class _Identity:
-    key: str
-    history: str | None = None
-
-
-def _identify(context: RequestContext, context_id: str, workspace_id: str | None) -> _Identity:
-    """The conversation a message continues: per caller, so a context id another authenticated
-    caller also uses neither shares nor reveals that caller's codex thread."""
-    user = getattr(context.call_context, "user", None)
-    if user is None or not user.is_authenticated or not user.user_name:
-        return _Identity(context_id)
-    return _Identity(f"{user.user_name}/{context_id}")
 
 
 def _context_id(context: RequestContext, task_id: str) -> str:
