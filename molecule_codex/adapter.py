@@ -409,6 +409,7 @@ class CodexAdapter(BaseAdapter):
             max_input_chars=settings.max_input_chars,
             max_concurrent_turns=settings.max_concurrent_turns,
             idle_unload_after=settings.idle_unload_after,
+            workspace_id=self._env.get("WORKSPACE_ID") or None,
         )
 
     async def create_executor(self, config: AdapterConfig) -> CodexExecutor:
