@@ -145,7 +145,9 @@ async def run_connect(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         loop.add_signal_handler(sig, stop.set)
     platform = PlatformClient(settings.platform_url, settings.workspace_id, settings.token)
     try:
-        async with stack(args, env=dict(env)) as parts:
+        # The executor maps platform messages without contextId by WORKSPACE_ID (canvas-<id>), flag or env.
+        stack_env = {**env, "WORKSPACE_ID": settings.workspace_id, "PLATFORM_URL": settings.platform_url}
+        async with stack(args, env=stack_env) as parts:
             return await _connected(parts, platform, settings, stop)
     except ConnectError as exc:
         logger.error("connect: %s", exc)
