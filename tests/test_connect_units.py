@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -217,3 +218,19 @@ async def test_doctor_platform_section(fake, caplog):
     lines, ok = await platform_report(CodexAdapter(), {**env, "MOLECULE_WORKSPACE_TOKEN": "wrong-token"})
     assert not ok and any("refused (HTTP 401)" in line for line in lines)
     assert fake.token not in caplog.text and "wrong-token" not in "\n".join(lines) + caplog.text
+
+
+def test_readme_recipe_matches_the_cli_and_the_token_sources():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## External Connect: the agent on your own machine", 1)[1].split("\n## ", 1)[0]
+    for name in ("PLATFORM_URL", "WORKSPACE_ID", "MOLECULE_WORKSPACE_TOKEN", "MOLECULE_WORKSPACE_TOKEN_FILE",
+                 "$CONFIGS_DIR/.auth_token", "--public-url", "connect-inbox.json", "systemctl --user"):
+        assert name in section, name
+    assert STATE_FILENAME in section
+    from molecule_codex.cli import build_parser
+
+    exec_start = re.search(r"ExecStart=\S+/molecule-codex (.+)", section).group(1).replace("%h", "/home/u").split()
+    args = build_parser().parse_args(exec_start)
+    assert args.command == "connect" and str(args.workdir) == "/home/u/project"
+    push = build_parser().parse_args(["connect", "--public-url", "https://agent.example.com/"])
+    assert push.public_url == "https://agent.example.com/" and push.port == 8000
