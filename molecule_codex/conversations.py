@@ -4,6 +4,10 @@ Why a database file: the runtime's shutdown snapshot is skipped on SIGTERM, so t
 on disk after every change, and a half-written file must never cost the other conversations.
 SQLite gives atomic commits; the file is created 0600 inside a 0700 directory.
 
+The executor calls it from worker threads (``asyncio.to_thread``): a write may wait up to
+``BUSY_TIMEOUT_S`` for another process's lock, and that must not freeze the event loop, so
+every method is safe to call from any thread (one connection, one lock).
+
 A file that is not a readable database is moved aside (kept as a backup) with a warning, and the
 service continues with an empty map. The map no longer knows which conversations existed, so
 those conversations start fresh threads without a per-conversation notice; the warning in the log
@@ -16,6 +20,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +49,7 @@ class ConversationStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / DB_FILENAME
+        self._lock = threading.Lock()
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = self._open()
@@ -90,36 +96,42 @@ class ConversationStore:
 
     def get(self, context_id: str) -> str | None:
         """The codex thread of a conversation, if it has one."""
-        row = self._db.execute("SELECT thread_id FROM conversations WHERE context_id = ?", (context_id,)).fetchone()
+        with self._lock:
+            row = self._db.execute(
+                "SELECT thread_id FROM conversations WHERE context_id = ?", (context_id,)
+            ).fetchone()
         return row[0] if row else None
 
     def bind(self, context_id: str, thread_id: str) -> None:
         """Record (or move) a conversation's thread; durable when this returns."""
         try:
-            self._db.execute(
-                "INSERT INTO conversations (context_id, thread_id, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT(context_id) DO UPDATE SET "
-                "thread_id = excluded.thread_id, updated_at = excluded.updated_at",
-                (context_id, thread_id, time.time()),
-            )
+            with self._lock:
+                self._db.execute(
+                    "INSERT INTO conversations (context_id, thread_id, updated_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT(context_id) DO UPDATE SET "
+                    "thread_id = excluded.thread_id, updated_at = excluded.updated_at",
+                    (context_id, thread_id, time.time()),
+                )
         except sqlite3.Error as exc:
             raise ConversationStoreError(f"cannot save the conversation map at {self.path}: {exc}") from exc
 
     def touch(self, context_id: str) -> None:
         """Mark a conversation as used now (for 'most recent thread' lookups)."""
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(sqlite3.Error), self._lock:
             self._db.execute("UPDATE conversations SET updated_at = ? WHERE context_id = ?", (time.time(), context_id))
 
     def most_recent(self) -> tuple[str, str] | None:
         """(context_id, thread_id) of the most recently used conversation."""
-        row = self._db.execute(
-            "SELECT context_id, thread_id FROM conversations ORDER BY updated_at DESC LIMIT 1"
-        ).fetchone()
+        with self._lock:
+            row = self._db.execute(
+                "SELECT context_id, thread_id FROM conversations ORDER BY updated_at DESC LIMIT 1"
+            ).fetchone()
         return (row[0], row[1]) if row else None
 
     def snapshot(self) -> dict[str, str]:
         """Every binding, for the runtime's pre-stop snapshot."""
-        return dict(self._db.execute("SELECT context_id, thread_id FROM conversations").fetchall())
+        with self._lock:
+            return dict(self._db.execute("SELECT context_id, thread_id FROM conversations").fetchall())
 
     def restore(self, bindings: Mapping[str, str]) -> int:
         """Add bindings from a snapshot without overwriting newer ones; returns how many were new."""
@@ -131,5 +143,5 @@ class ConversationStore:
         return added
 
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(sqlite3.Error), self._lock:
             self._db.close()
