@@ -34,7 +34,8 @@ GRACEFUL_HTTP_SHUTDOWN_S = 3
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
+    """Whether binding ``host`` keeps the server on this machine ("" binds every interface)."""
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -46,7 +47,7 @@ def card_host(bind: str) -> str:
     """The host name the card advertises for a server bound to ``bind``: ``localhost`` for a
     loopback (what clients and conformance suites expect) or wildcard bind (no one address to
     name), an IPv6 literal in brackets, any other host as given."""
-    if is_loopback(bind) or bind in ("0.0.0.0", "::"):
+    if is_loopback(bind) or bind in ("0.0.0.0", "::", ""):
         return "localhost"
     with contextlib.suppress(ValueError):
         if ipaddress.ip_address(bind).version == 6:
