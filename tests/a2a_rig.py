@@ -199,14 +199,16 @@ async def serve_codex(
     stream_idle_timeout_ms: int = 3000,
     hooks: TurnHooks | None = None,
     backoff: RestartBackoff | None = None,
+    extra_toml: str = "",
     **option_overrides: Any,
 ) -> AsyncIterator[Served]:
-    """Run the whole stack; keyword overrides go to ExecutorOptions (``hooks``/``backoff``: executor, app-server)."""
+    """Run the whole stack; keyword overrides go to ExecutorOptions (``hooks``/``backoff``: executor, app-server;
+    ``extra_toml``: appended to codex's config.toml)."""
     workspace = tmp_path / "workspace"
     workspace.mkdir(exist_ok=True)
     state_dir = state_dir or tmp_path / "state"
     codex_home = codex_home or state_dir / "codex-home"
-    write_codex_config(codex_home, model.base_url, stream_idle_timeout_ms=stream_idle_timeout_ms)
+    write_codex_config(codex_home, model.base_url, stream_idle_timeout_ms=stream_idle_timeout_ms, extra_toml=extra_toml)
     app = AppServer(codex_home=codex_home, cwd=workspace, env={**os.environ, SCRIPTED_API_KEY_ENV: "scripted-key"},
                     backoff=backoff)
     options = replace(ExecutorOptions(workspace=workspace, model="scripted-model"), **option_overrides)
