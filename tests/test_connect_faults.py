@@ -145,3 +145,24 @@ def test_missing_token_exits_2_with_where_to_put_it(tmp_path):
         assert rc == 2
         assert "no workspace token: set MOLECULE_WORKSPACE_TOKEN" in connect.output()
         assert not fake.registrations
+
+
+def test_a_second_connect_on_the_same_state_dir_refuses_to_start(tmp_path):
+    with ScriptedModel() as model, FakePlatform() as fake:
+        first = Connect(tmp_path, model, fake)
+        second = Connect(tmp_path, model, fake)
+        try:
+            first.start()
+            fake.wait_for(lambda: fake.registrations, 30, "register")
+            second.logs.append(tmp_path / "unused.log")  # so its log file is connect-1.log, not the first's
+            second.start()
+            assert second.proc is not None
+            assert second.proc.wait(30) == 1
+            assert "another molecule-codex connect is running" in second.output()
+            assert len(fake.registrations) == 1
+            first.kill9()  # the kernel drops the lock with the process
+            first.start()
+            fake.wait_for(lambda: len(fake.registrations) == 2, 30, "register after kill -9")
+        finally:
+            first.cleanup()
+            second.cleanup()

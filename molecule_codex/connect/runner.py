@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 import urllib.parse
@@ -38,7 +39,7 @@ from molecule_codex.connect.platform import (
     resolve_token,
 )
 from molecule_codex.connect.push import InboundSecret, InboundSecretGate, PushServer, check_public_url
-from molecule_codex.connect.state import InboxState
+from molecule_codex.connect.state import InboxState, StateLocked, lock_state_dir
 from molecule_codex.host import build_agent_card, build_app, running_server
 
 logger = logging.getLogger(__name__)
@@ -137,8 +138,13 @@ async def run_connect(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except ConnectError as exc:
         logger.error("connect: %s", exc)
         return exc.code
-    from molecule_codex.standalone import stack  # the stack needs codex; the checks above do not
+    from molecule_codex.standalone import host_options_from, stack  # these need codex; the checks above do not
 
+    try:
+        lock = lock_state_dir(host_options_from(args, dict(env)).state_dir)
+    except (StateLocked, OSError) as exc:
+        logger.error("connect: %s", exc)
+        return EXIT_REFUSED
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -160,6 +166,7 @@ async def run_connect(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         await platform.aclose()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        os.close(lock)
 
 
 async def _connected(parts: Any, platform: PlatformClient, settings: ConnectSettings, stop: asyncio.Event) -> int:

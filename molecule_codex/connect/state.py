@@ -20,8 +20,10 @@ written 0600 and atomically (temp file, fsync, rename) on every change.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +34,30 @@ from molecule_codex.providers import atomic_write_text
 logger = logging.getLogger(__name__)
 
 STATE_FILENAME = "connect-inbox.json"
+LOCK_FILENAME = "connect.lock"
 #: Handled ids kept for de-duplication after a cursor reset (a 410 re-reads the last ten minutes).
 HANDLED_MEMORY = 5000
+
+
+class StateLocked(RuntimeError):
+    """Another ``connect`` holds this state directory."""
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold an exclusive lock on the state directory for the life of the process (returns its fd).
+
+    Two ``connect`` processes on one state directory would both answer every message. The lock is
+    ``flock``: the kernel drops it when the process dies, ``kill -9`` included, so it never goes stale.
+    """
+    Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(Path(state_dir) / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateLocked(f"another molecule-codex connect is running with the state directory {state_dir}; "
+                          "stop it, or give this one its own --state-dir") from None
+    return fd
 
 
 @dataclass(slots=True)
