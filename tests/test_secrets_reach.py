@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -220,3 +221,41 @@ async def test_preflight_and_serve_work_whatever_home_is(tmp_path, home):
             reply, _ = await _ask(client, f"[tool=echo ok > {inside} && cat {tmp_path}/state/tasks.sqlite3]", "c")
     assert inside.read_text() == "ok\n"
     assert "Permission denied" in reply, reply
+
+
+async def test_a_resumed_thread_stays_under_the_profile(tmp_path, caplog):
+    """A thread resumed after an unload gets no sandbox param either: the profile must still hold."""
+    caplog.set_level(logging.INFO, logger="molecule_codex")
+    with ScriptedModel() as model:
+        env = _base_env(**{SCRIPTED_API_KEY_ENV: "k", HEADER_ENV: "h"})
+        inside = tmp_path / "workspace" / "after-resume"
+        async with serving(_args(tmp_path, _config(tmp_path, model)), env=env) as running, \
+                _client(running.url, None) as client:
+            await _ask(client, "hello", "c-resume")
+            assert await running.adapter._executor.unload_idle(now=time.monotonic() + 1e6) == 1
+            reply, _ = await _ask(client, f"[tool=echo ok > {inside} && cat {tmp_path}/state/codex-home/auth.json]",
+                                  "c-resume")
+    assert any("thread resumed" in record.getMessage() for record in caplog.records), "the thread was not resumed"
+    assert inside.read_text() == "ok\n", reply  # resumed as workspace-write, not read-only
+    assert "Permission denied" in reply, reply
+
+
+@pytest.mark.parametrize("case", ["danger-full-access", "operator-sandbox-mode"])
+async def test_doctor_says_when_secrets_are_not_protected(tmp_path, case):
+    with ScriptedModel() as model:
+        config = _config(tmp_path, model)
+        if case == "danger-full-access":
+            data = yaml.safe_load(config.read_text())
+            data["runtime_config"]["sandbox"] = "danger-full-access"
+            config.write_text(yaml.safe_dump(data))
+        else:
+            codex_home = tmp_path / "state" / "codex-home"
+            codex_home.mkdir(parents=True, mode=0o700)
+            (codex_home / "config.toml").write_text('sandbox_mode = "workspace-write"\n')
+        env = _base_env(**{SCRIPTED_API_KEY_ENV: "k", HEADER_ENV: "h"})
+        args = _args(tmp_path, config)
+        adapter = CodexAdapter(host=host_options_from(args, env))
+        report = await adapter.preflight(adapter.standalone_config(args.config), probe_sandbox=False)
+    line = next(line for line in report.render().splitlines() if "secrets out of reach" in line)
+    expected = "lets commands read every file" if case == "danger-full-access" else "sets sandbox_mode"
+    assert "NOT in force" in line and expected in line, line
