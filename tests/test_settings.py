@@ -296,7 +296,7 @@ def test_shipped_config_yaml_loads_and_matches_schema(caplog):
     config = load_config_yaml(REPO / "config.yaml")
     assert config["template_schema_version"] == 1
     assert config["runtime"] == "codex"
-    assert config["a2a"] == {"port": 8000, "streaming": True}
+    assert config["a2a"] == {"port": 8000, "streaming": True, "push_notifications": False}
     runtime_config = config["runtime_config"]
     assert "OPENAI_API_KEY" not in (runtime_config.get("required_env") or [])
     for key, value in runtime_config.items():
