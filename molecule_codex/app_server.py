@@ -538,9 +538,10 @@ class AppServer:
         message: dict[str, Any] = {"id": request_id, "method": method}
         if params is not None:
             message["params"] = params
+        deadline = asyncio.get_running_loop().time() + timeout  # one bound for writing and answering
         try:
-            async with asyncio.timeout(timeout):
-                await self._send(message)
+            await self._send(message, deadline)
+            async with asyncio.timeout_at(deadline):
                 return await future
         except TimeoutError:
             raise AppServerTimeout(method, timeout) from None
@@ -553,17 +554,16 @@ class AppServer:
         if params is not None:
             message["params"] = params
         try:
-            async with asyncio.timeout(self._write_timeout):
-                await self._send(message)
+            await self._send(message, asyncio.get_running_loop().time() + self._write_timeout)
         except TimeoutError:
             raise AppServerTimeout(method, self._write_timeout) from None
 
-    async def _send(self, message: Mapping[str, Any]) -> None:
-        """Write one line; the caller bounds it. A write that does not finish marks the child hung.
+    async def _send(self, message: Mapping[str, Any], deadline: float) -> None:
+        """Write one line by ``deadline`` (loop time); raises TimeoutError after it.
 
         A child that stops reading (hung, SIGSTOP) leaves ``drain()`` waiting forever once the pipe
-        is full, and a line cut off by a timeout corrupts the stream: either way that child can
-        no longer be talked to, so everything waiting on it fails and the next use replaces it.
+        is full. A write still not drained at the deadline therefore marks the child hung:
+        everything waiting on it fails, and the next use replaces it.
         """
         proc = self._proc
         if proc is None or proc.stdin is None or self._exit is not None:
@@ -571,20 +571,19 @@ class AppServer:
         data = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
         written = False
         try:
-            async with self._write_lock:
+            async with asyncio.timeout_at(deadline), self._write_lock:
                 if proc is not self._proc or self._exit is not None:
                     raise self._exit or AppServerExited("replaced")
                 proc.stdin.write(data)
                 written = True
                 await proc.stdin.drain()
-                written = False
-        except (ConnectionError, RuntimeError) as exc:
-            written = False
-            raise AppServerExited(f"stdin closed ({exc.__class__.__name__})", proc.returncode) from exc
-        finally:
+        except TimeoutError:
             if written and proc is self._proc and self._exit is None:
                 logger.error("codex app-server pid=%d stopped reading its input; marking it hung", proc.pid)
                 self._fail_all(AppServerExited("stopped reading its input (hung)", None, self.stderr_tail()))
+            raise
+        except (ConnectionError, RuntimeError) as exc:
+            raise AppServerExited(f"stdin closed ({exc.__class__.__name__})", proc.returncode) from exc
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -716,8 +715,7 @@ class AppServer:
             answer.summary or "result",
         )
         try:
-            async with asyncio.timeout(self._write_timeout):
-                await self._send(answer.to_wire(request.id))
+            await self._send(answer.to_wire(request.id), asyncio.get_running_loop().time() + self._write_timeout)
         except (AppServerExited, TimeoutError):
             logger.info("could not answer %s id=%s: app-server gone or hung", request.method, request.id)
 

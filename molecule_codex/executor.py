@@ -324,7 +324,8 @@ class CodexExecutor(AgentExecutor):
         publisher = Publisher(event_queue, task_id, context_id)
         request: Request | None = None
         try:
-            if context.current_task is not None and await self._refuse_rerun(context, publisher):
+            if context.current_task is not None:
+                await self._refuse_rerun(context.current_task, publisher)
                 return
             await publisher.task(context.message)
             if self._closing:
@@ -347,7 +348,7 @@ class CodexExecutor(AgentExecutor):
             with contextlib.suppress(Exception):
                 await publisher.finish(_failed(_internal_text(reference)))
         finally:
-            if request is not None and request.done.done():
+            if request is not None and request.publisher.terminal:
                 self._forget(request)
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
@@ -355,33 +356,30 @@ class CodexExecutor(AgentExecutor):
         task_id = context.task_id or ""
         context_id = _context_id(context, task_id)
         request = self._requests.get(task_id)
-        if request is None or not request.waiting_for_answer:
+        if request is None or request.publisher.terminal:
             # Already answered (or not running here): CANCELED now would overwrite the stored result.
             # The SDK cancels the request and marks a task that is still open CANCELED itself.
             logger.info("turn cancel task=%s context=%s: no running turn", task_id, context_id)
             return
-        self._abandon(request)
+        self._abandon(request)  # also when execute() was cancelled first (a2a-python#1170): CANCELED still goes out
+        self._forget(request)
         logger.info("turn cancel task=%s context=%s", task_id, context_id)
         await Publisher(event_queue, task_id, context_id).finish(_canceled())
 
-    async def _refuse_rerun(self, context: RequestContext, publisher: Publisher) -> bool:
+    async def _refuse_rerun(self, task: Task, publisher: Publisher) -> None:
         """A message naming an existing task: that task already has (or will have) its one turn.
 
         Running it again would answer twice and overwrite a stored answer, so it is refused.
         For a task running or answered here nothing is published (the SDK hands the caller that
         task's outcome); any other open task ends FAILED, so no caller waits forever.
         """
-        task = context.current_task
-        assert task is not None
         ours = publisher.task_id in self._requests or publisher.task_id in self._recent
         logger.warning("refused a second message for task=%s (state %s, running here: %s)",
                        publisher.task_id, TaskState.Name(task.status.state), ours)
-        if ours or task.status.state in _TERMINAL:
-            return True
-        await publisher.finish(_failed(
-            "This task is no longer running here; send the message again without a task id."
-        ))
-        return True
+        if not ours and task.status.state not in _TERMINAL:
+            await publisher.finish(_failed(
+                "This task is no longer running here; send the message again without a task id."
+            ))
 
     # ------------------------------------------------------------------ requests and workers
 
@@ -917,7 +915,7 @@ class CodexExecutor(AgentExecutor):
 
     async def shutdown(self, reason: str = "the agent is shutting down") -> None:
         """Stop: running turns are interrupted (FAILED with ``reason``), queued requests fail, codex closes."""
-        self._closing = reason
+        self._closing = reason or "the agent is shutting down"
         if self._sweeper is not None:
             self._sweeper.cancel()
         for conversation in self._conversations.values():
