@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,8 @@ UNAUTHENTICATED_PATHS = frozenset({AGENT_CARD_WELL_KNOWN_PATH, "/.well-known/age
 UNFINISHED_STATES = frozenset(
     {TaskState.TASK_STATE_SUBMITTED, TaskState.TASK_STATE_WORKING, TaskState.TASK_STATE_UNSPECIFIED}
 )
+#: Task metadata naming the agent that runs a task on a shared store (see TaskStore.instance).
+INSTANCE_METADATA_KEY = "molecule_codex_instance"
 INTERRUPTED_BY_RESTART = "The agent restarted while this task was running; send the message again to continue."
 
 
@@ -155,16 +158,19 @@ class TaskStore(DatabaseTaskStore):
     version lives in memory, scoped by owner like the table, and is what ``get`` returns.
     """
 
-    def __init__(self, engine: Any, **kwargs: Any) -> None:
+    def __init__(self, engine: Any, *, instance: str | None = None, **kwargs: Any) -> None:
         super().__init__(engine, **kwargs)
         self._live: dict[tuple[str, str], Task] = {}  # (owner, task id) -> latest in-flight version
+        #: On a store shared by several agents: this agent's name, stamped on the tasks it runs, so
+        #: ``fail_unfinished`` at boot settles only its own (None: the store is this agent's alone).
+        self.instance = instance
 
     async def save(self, task: Task, context: ServerCallContext) -> None:
         key = (self.owner_resolver(context), task.id)
         in_flight = task.status.state in UNFINISHED_STATES
         if key not in self._live or not in_flight:
             try:
-                await super().save(task, context)
+                await super().save(self._stamped(task) if in_flight else task, context)
             except SQLAlchemyError as exc:
                 if not in_flight:
                     # Settled but not written (disk full, read-only): readers get the outcome, not the last
@@ -200,8 +206,19 @@ class TaskStore(DatabaseTaskStore):
         self._live.pop((self.owner_resolver(context), task_id), None)
         await super().delete(task_id, context)
 
+    def _stamped(self, task: Task) -> Task:
+        """The version written while the task runs: named after this agent on a shared store."""
+        if self.instance is None:
+            return task
+        stamped = _copy(task)
+        stamped.metadata[INSTANCE_METADATA_KEY] = self.instance
+        return stamped
+
     async def fail_unfinished(self, reason: str = INTERRUPTED_BY_RESTART) -> int:
-        """Mark every task left submitted/working by a previous process as FAILED (all callers)."""
+        """Mark every task left submitted/working by a previous process as FAILED (all callers).
+
+        On a shared store only this agent's own (stamped with ``instance``): another agent's
+        running tasks are not ours to end."""
         await self._ensure_initialized()
         failed = 0
         async with self.async_session_maker.begin() as session:
@@ -209,6 +226,9 @@ class TaskStore(DatabaseTaskStore):
             for row in rows:
                 task = self._from_orm(row)
                 if task.status.state not in UNFINISHED_STATES:
+                    continue
+                owner = task.metadata.fields.get(INSTANCE_METADATA_KEY)
+                if self.instance is not None and (owner is None or owner.string_value != self.instance):
                     continue
                 status = TaskStatus(
                     state=TaskState.TASK_STATE_FAILED,
@@ -248,7 +268,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_task_store(url: str) -> TaskStore:
+def create_task_store(url: str, *, instance: str | None = None) -> TaskStore:
     """A task store on any async SQLAlchemy URL (``sqlite+aiosqlite://…``, ``postgresql+asyncpg://…``).
 
     The SDK commits once per task event; on SQLite that cost is most of our per-turn overhead
@@ -256,13 +276,17 @@ def create_task_store(url: str) -> TaskStore:
     at a time, and a writer's transaction spans event-loop turns: on a busy loop (32 turns on
     2 cores) the others waited past the driver's 5 s busy timeout ("database is locked", which
     reached the A2A client with the SQL in it), hence the longer wait.
+
+    A server database may be shared by several agents: each then names itself (``instance``,
+    default ``$MOLECULE_CODEX_INSTANCE`` or the host name, stable across a container's restarts).
     """
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": STORE_BUSY_TIMEOUT_S})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     else:
         engine = create_async_engine(url, pool_pre_ping=True)
-    return TaskStore(engine, create_table=True)
+        instance = instance or os.environ.get("MOLECULE_CODEX_INSTANCE") or socket.gethostname()
+    return TaskStore(engine, create_table=True, instance=instance)
 
 
 #: Request headers kept out of the call context: a2a-sdk logs the context at DEBUG.

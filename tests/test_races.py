@@ -1,7 +1,7 @@
 """Races and hangs of issue 12, one regression test per item, against the real codex binary.
 
-Each test names its item. All of them failed on the request/worker executor they replaced
-(commit 5a02321) except where the docstring says the item was refuted there.
+Each test names its item; every one failed on the request/worker executor it replaced (commit
+5a02321). Items 7 and 9's shared task store need no codex: tests/test_races_host.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from molecule_codex.codex_binary import CodexBinary
 from molecule_codex.conversations import DB_FILENAME, ConversationStoreError
 from molecule_codex.demo.scripted_model import Hold, HttpError, ScriptedModel, Text, ToolCall
 from molecule_codex.executor import HISTORY_HEADER, SHUTTING_DOWN
-from molecule_codex.standalone import is_loopback
 
 pytestmark = pytest.mark.real_codex
 
@@ -270,16 +269,6 @@ async def test_item6_unload_racing_a_message_200_rounds(tmp_path, model):
         print(f"{ROUNDS} rounds: {unloaded} unloads raced a message")
 
 
-# ---------------------------------------------------------------------------- 7: --host ""
-
-
-def test_item7_empty_host_is_not_loopback():
-    """uvicorn binds every interface for "", so it must need a token like any public address."""
-    assert not is_loopback("")
-    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
-    assert not is_loopback("0.0.0.0")
-
-
 # ---------------------------------------------------------------------------- 8: MCP servers per thread
 
 
@@ -493,3 +482,4 @@ async def test_history_seeds_a_new_thread_exactly_once(tmp_path, model):
             assert body.count("my name is Ada Lovelace") == 1, body
             assert body.count(HISTORY_HEADER) == 1
         assert second.body["prompt_cache_key"] == first.body["prompt_cache_key"]  # one codex thread
+
