@@ -427,9 +427,9 @@ class CodexExecutor(AgentExecutor):
                 await self._unload(conversation)
             while conversation.queue:
                 request = conversation.queue.popleft()
-                if not request.waiting_for_answer:
-                    continue
                 async with self._slots:
+                    if not request.waiting_for_answer:
+                        continue  # canceled while it waited
                     if self._closing:
                         await request.finish(_failed(SHUTTING_DOWN))
                         continue

@@ -126,11 +126,6 @@ class TurnState:
         """Whether ``turn/completed`` arrived."""
         return self.status is not None
 
-    def belongs(self, event: Notification) -> bool:
-        """Whether ``event`` is part of this turn (late events of older turns are not)."""
-        turn_id = event.turn_id
-        return turn_id is None or self.turn_id is None or turn_id == self.turn_id
-
     def feed(self, event: Notification) -> list[TurnEvent]:
         """Take one notification of this thread; return what the caller should publish."""
         method, params = event.method, event.params
