@@ -43,6 +43,8 @@ Invariants:
   unarchives it;
 * history is never silently lost: a thread is replaced only when codex says it no longer has it
   (and the caller is told); any other resume failure fails the request and keeps the binding;
+  the history a sender brings (``identity.Identity.history``) seeds only a brand-new thread, in
+  its first turn, once;
 * nothing blocking runs on the event loop (the conversation map and attachment decoding run in
   a worker thread), and callers never see store errors, paths or other internals.
 """
