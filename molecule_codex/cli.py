@@ -19,8 +19,9 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from molecule_codex.app_server import _our_version
 from molecule_codex.codex_binary import CodexBinaryError, resolve_codex_binary
@@ -134,6 +135,20 @@ async def _doctor(args: argparse.Namespace) -> int:
     return 0 if report.ok and platform_ok else 1
 
 
+def run_on_fast_loop(coro: Coroutine[Any, Any, int]) -> int:
+    """Run a command on uvloop when it is installed (a dependency on Linux and macOS), else asyncio's loop.
+
+    uvloop's loop and pipes shave a millisecond or more off every A2A turn (HTTP, the codex stdio
+    channel and the SDK's queues all run on it); the fallback keeps other platforms working.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point."""
     parser = build_parser()
@@ -146,16 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(args.log_level)
     if args.command == "serve":
-        return asyncio.run(_serve(args))
+        return run_on_fast_loop(_serve(args))
     if args.command == "doctor":
-        return asyncio.run(_doctor(args))
+        return run_on_fast_loop(_doctor(args))
     if args.command == "connect":
         from molecule_codex.connect.runner import run_connect
 
-        return asyncio.run(run_connect(args, dict(os.environ)))
+        return run_on_fast_loop(run_connect(args, dict(os.environ)))
     from molecule_codex.demo.run import run_demo
 
-    return asyncio.run(run_demo())
+    return run_on_fast_loop(run_demo())
 
 
 if __name__ == "__main__":
