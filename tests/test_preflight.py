@@ -41,7 +41,8 @@ def test_unconfined_host_fails_and_names_the_opt_in():
 
 def test_broken_sandbox_fails_with_codex_output():
     with pytest.raises(PreflightError) as caught:
-        resolve_sandbox("auto", lambda: SandboxProbe(False, True, True, "bwrap: No permissions to create new namespace"))
+        resolve_sandbox("auto",
+                        lambda: SandboxProbe(False, True, True, "bwrap: No permissions to create new namespace"))
     message = str(caught.value)
     assert "could not run a write inside" in message and "No permissions" in message
 
@@ -81,8 +82,8 @@ def _probe(tmp_path, env):
     codex_home = tmp_path / "codex-home"
     codex_home.mkdir(mode=0o700)
     deny = build_read_deny([Location(state, True), Location(codex_home, True)], workspace)
-    result = probe_sandbox(resolve_codex_binary(), workspace, state, profile_config_text("workspace-write", False, deny),
-                           env, canary_dirs=(codex_home,))
+    profile = profile_config_text("workspace-write", False, deny)
+    result = probe_sandbox(resolve_codex_binary(), workspace, state, profile, env, canary_dirs=(codex_home,))
     return result, workspace, state, codex_home
 
 

@@ -233,8 +233,9 @@ async def test_no_secret_in_logs_tasks_errors_files_or_shell_env(tmp_path, caplo
     assert not _leaks("\n".join(seen), secrets), "a secret is in a streamed event"
 
     records = caplog.records
-    assert any(record.name == "molecule_codex.app_server" and "codex stderr" in record.getMessage() for record in records), \
-        "codex stderr was not captured; the scan would miss it"
+    stderr_logged = any(record.name == "molecule_codex.app_server" and "codex stderr" in record.getMessage()
+                        for record in records)
+    assert stderr_logged, "codex stderr was not captured; the scan would miss it"
     assert any(record.levelno == logging.DEBUG for record in records)
     log_text = "\n".join(
         [caplog.text, *(record.getMessage() for record in records),
