@@ -196,7 +196,8 @@ def no_internal_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Bad input is the caller's mistake: the executor must never report it as its own internal error."""
     caplog.set_level(logging.ERROR, logger="molecule_codex.executor")
     yield
-    internal = [r.getMessage() for r in caplog.records if r.name == "molecule_codex.executor" and r.levelno >= logging.ERROR]
+    internal = [r.getMessage() for r in caplog.records
+                if r.name == "molecule_codex.executor" and r.levelno >= logging.ERROR]
     assert not internal, internal
 
 
