@@ -47,6 +47,7 @@ from a2a.client import ClientCallContext, ClientConfig, create_client  # noqa: E
 from a2a.types import Message, Part, Role, SendMessageRequest, TaskState  # noqa: E402
 
 from molecule_codex.app_server import AppServer, ThreadSubscription, descendants  # noqa: E402
+from molecule_codex.cli import run_on_fast_loop  # noqa: E402
 from molecule_codex.codex_binary import resolve_codex_binary  # noqa: E402
 from molecule_codex.demo.scripted_model import (  # noqa: E402
     SCRIPTED_API_KEY_ENV,
@@ -75,15 +76,16 @@ KEYS = (
     "first_chunk_ms", "first_chunk_a2a_ms", "first_chunk_direct_ms",
     "sdk_floor_ms", "own_overhead_p50_ms",
     "cold_start_ms", "cold_start_direct_ms", "cold_start_diff_ms", "serve_import_ms",
+    "process_to_card_ms", "process_to_first_reply_ms",
     "rss_mb_8", "rss_mb_32", "rss_detail_mb",
     "tokens_check", "tokens_detail",
 )
 
 MODES = {
     # sequential turns, concurrency levels, exec turns, first-chunk samples
-    "full": {"turns": 50, "levels": (8, 32), "exec_turns": 6, "chunk_samples": 20},
-    "quick": {"turns": 15, "levels": (8,), "exec_turns": 4, "chunk_samples": 8},
-    "smoke": {"turns": 1, "levels": (8,), "exec_turns": 2, "chunk_samples": 1},
+    "full": {"turns": 50, "levels": (8, 32), "exec_turns": 6, "chunk_samples": 20, "cold_processes": 5},
+    "quick": {"turns": 15, "levels": (8,), "exec_turns": 4, "chunk_samples": 8, "cold_processes": 2},
+    "smoke": {"turns": 1, "levels": (8,), "exec_turns": 2, "chunk_samples": 1, "cold_processes": 1},
 }
 
 
@@ -265,7 +267,8 @@ async def measure_sdk_floor(root: Path, turns: int) -> list[float]:
     """Round trips through the same host, task store and client, with a trivial executor."""
     import uvicorn
 
-    from molecule_codex.host import build_agent_card, build_app, create_task_store, running_server, task_store_url
+    from molecule_codex.host import build_agent_card, build_app, running_server
+    from molecule_codex.task_store import create_task_store, task_store_url
 
     store = create_task_store(task_store_url(root / "floor-state", None))
     card = build_agent_card("http://127.0.0.1:0/", name="floor", description="sdk floor", version="0")
@@ -285,7 +288,7 @@ async def measure_sdk_floor(root: Path, turns: int) -> list[float]:
                 await client.close()
     finally:
         await handler.aclose()
-        await store.engine.dispose()
+        await store.close()
     return times
 
 
@@ -293,10 +296,66 @@ def measure_serve_imports() -> float:
     """Seconds a fresh interpreter takes to import the serve stack (median of three)."""
     import subprocess
 
-    code = "import time; t=time.perf_counter(); import molecule_codex.cli, molecule_codex.adapter, molecule_codex.host; print(time.perf_counter()-t)"
+    code = ("import time; t=time.perf_counter(); "
+            "import molecule_codex.cli, molecule_codex.adapter, molecule_codex.host; print(time.perf_counter()-t)")
     runs = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                  cwd=ROOT).stdout) for _ in range(3)]
     return statistics.median(runs)
+
+
+def measure_process_cold_start(root: Path, model: ScriptedModel, env: dict[str, str],
+                               runs: int) -> dict[str, float]:
+    """``molecule-codex serve`` as an operator starts it: process start → card served → first reply.
+
+    Everything is paid here: interpreter start, imports, preflight, the app-server's start, the
+    task store, uvicorn, and the first turn through codex. Median of ``runs`` fresh processes.
+    """
+    import socket
+    import subprocess
+
+    cli = Path(sys.executable).parent / "molecule-codex"
+    to_card, to_reply = [], []
+    body = {"jsonrpc": "2.0", "id": "1", "method": "message/send",
+            "params": {"message": {"messageId": "m1", "role": "user", "parts": [{"kind": "text", "text": "hi"}]}}}
+    for index in range(runs):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        url = f"http://127.0.0.1:{port}/"
+        workspace = root / f"cold-ws-{index}"
+        workspace.mkdir()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [str(cli), "serve", "--port", str(port), "--state-dir", str(root / f"cold-state-{index}"),
+             "--workdir", str(workspace), "--base-url", model.base_url, "--api-key-env", SCRIPTED_API_KEY_ENV,
+             "--model", MODEL, "--log-level", "WARNING"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            card_at = None
+            with httpx.Client(timeout=CLIENT_TIMEOUT_S) as http:
+                while card_at is None:
+                    if proc.poll() is not None or time.perf_counter() - t0 > CLIENT_TIMEOUT_S:
+                        raise RuntimeError(f"serve did not come up (rc={proc.returncode})")
+                    with contextlib.suppress(httpx.TransportError):
+                        if http.get(url + ".well-known/agent-card.json").status_code == 200:
+                            card_at = time.perf_counter()
+                    if card_at is None:
+                        time.sleep(0.005)
+                reply = http.post(url, json=body)
+                replied_at = time.perf_counter()
+                if reply.status_code != 200 or "ok" not in reply.text:
+                    raise RuntimeError(f"first reply failed: {reply.status_code} {reply.text[:200]}")
+            to_card.append(card_at - t0)
+            to_reply.append(replied_at - t0)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+    return {"process_to_card_ms": round(statistics.median(to_card) * 1000, 1),
+            "process_to_first_reply_ms": round(statistics.median(to_reply) * 1000, 1)}
 
 
 async def measure_cold_start(root: Path, model: ScriptedModel, env: dict[str, str],
@@ -486,6 +545,8 @@ async def run(mode: str, profile_path: Path | None, task_store: str | None = Non
                            cold_start_diff_ms=round((served_cold - direct_cold) * 1000, 1))
 
                 out["serve_import_ms"] = round(measure_serve_imports() * 1000, 1)
+                out.update(await asyncio.to_thread(measure_process_cold_start, root, model, env,
+                                                   cfg["cold_processes"]))
                 direct_t, a2a_t, _ = await measure_sequential(direct, client, cfg["turns"], profile)
                 diffs = [a - d for a, d in zip(a2a_t, direct_t, strict=True)]
                 floor = statistics.median(await measure_sdk_floor(root, cfg["turns"]))
@@ -556,6 +617,8 @@ def table(out: dict[str, Any]) -> str:
         ("cold start served / direct", f"{out['cold_start_ms']} / {out['cold_start_direct_ms']} ms, "
                                        f"diff {out['cold_start_diff_ms']} ms   (target diff <= 300); "
                                        f"+ imports {out['serve_import_ms']} ms"),
+        ("serve process → card / reply", f"{out['process_to_card_ms']} / {out['process_to_first_reply_ms']} ms   "
+                                         "(target reply <= 1000)"),
         ("rss MB 8 / 32 (python+codex)", f"{out['rss_mb_8']} / {out['rss_mb_32']}  {out['rss_detail_mb']}"),
         ("tokens check", str(out["tokens_check"])),
     ]
@@ -574,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    out = asyncio.run(run(mode, args.profile, args.task_store))
+    # The loop serve runs on (uvloop where installed): client, server and model share it here.
+    out = run_on_fast_loop(run(mode, args.profile, args.task_store))
     if args.profile:
         args.profile.write_text(out.pop("profile_text"))
     if args.json:

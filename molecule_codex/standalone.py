@@ -140,7 +140,7 @@ async def stack(args: argparse.Namespace, *, env: dict[str, str] | None = None) 
     platform's inbox (poll) or behind the platform's inbound secret (push).
     """
     from molecule_codex.adapter import CodexAdapter  # import late: --version must not need the stack
-    from molecule_codex.host import create_task_store, task_store_url
+    from molecule_codex.task_store import create_task_store, task_store_url
 
     host_options = host_options_from(args, dict(os.environ if env is None else env))
     adapter = CodexAdapter(host=host_options)
@@ -155,7 +155,7 @@ async def stack(args: argparse.Namespace, *, env: dict[str, str] | None = None) 
     finally:
         await adapter.shutdown("the agent is shutting down")
         if store is not None:
-            await store.engine.dispose()
+            await store.close()
 
 
 @contextlib.asynccontextmanager

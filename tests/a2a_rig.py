@@ -25,7 +25,8 @@ from molecule_codex.app_server import AppServer, RestartBackoff
 from molecule_codex.conversations import ConversationStore
 from molecule_codex.demo.scripted_model import SCRIPTED_API_KEY_ENV, ScriptedModel, write_codex_config
 from molecule_codex.executor import CodexExecutor, ExecutorOptions, TurnHooks
-from molecule_codex.host import build_agent_card, build_app, create_task_store, task_store_url
+from molecule_codex.host import build_agent_card, build_app
+from molecule_codex.task_store import create_task_store, task_store_url
 
 #: Generous per-call client timeout: the SDK default (5 s) is shorter than some test turns.
 CLIENT_TIMEOUT_S = 60.0
@@ -242,4 +243,4 @@ async def serve_codex(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(serving, 10)
         await handler.aclose()
-        await store.engine.dispose()
+        await store.close()

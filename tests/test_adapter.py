@@ -21,7 +21,8 @@ from molecule_codex import adapter as adapter_module
 from molecule_codex import settings
 from molecule_codex.adapter import Adapter, CodexAdapter, HostOptions
 from molecule_codex.demo.scripted_model import SCRIPTED_API_KEY_ENV, ScriptedModel, Text, ToolCall
-from molecule_codex.host import build_agent_card, build_app, create_task_store, running_server, task_store_url
+from molecule_codex.host import build_agent_card, build_app, running_server
+from molecule_codex.task_store import create_task_store, task_store_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECRETS = ("k-secret-value", "platform-token-SECRET", "sk-SECRET-XYZ")
@@ -105,7 +106,7 @@ async def serve_adapter(adapter: CodexAdapter, config_yaml: Path, state_dir: Pat
     finally:
         await adapter.shutdown()
         await handler.aclose()
-        await store.engine.dispose()
+        await store.close()
 
 
 async def ask(url: str, text: str, context_id: str) -> str | None:

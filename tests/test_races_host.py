@@ -6,8 +6,8 @@ from __future__ import annotations
 from a2a.server.context import ServerCallContext
 from a2a.types import Task, TaskState, TaskStatus
 
-from molecule_codex.host import create_task_store, task_store_url
 from molecule_codex.standalone import is_loopback
+from molecule_codex.task_store import create_task_store, task_store_url
 
 FAILED = TaskState.TASK_STATE_FAILED
 
@@ -30,13 +30,13 @@ async def test_item9_boot_cleanup_leaves_another_instances_running_tasks_alone(t
         await alive.save(running, context)
         left = Task(id="b-left", context_id="c", status=TaskStatus(state=TaskState.TASK_STATE_WORKING))
         await crashed.save(left, context)
-        await crashed.engine.dispose()  # replica b dies and comes back
+        await crashed.close()  # replica b dies and comes back
         rebooted = create_task_store(url, instance="replica-b")
         try:
             assert await rebooted.fail_unfinished() == 1
             assert (await rebooted.get("b-left", context)).status.state == FAILED
             assert (await rebooted.get("a-running", context)).status.state == TaskState.TASK_STATE_WORKING
         finally:
-            await rebooted.engine.dispose()
+            await rebooted.close()
     finally:
-        await alive.engine.dispose()
+        await alive.close()

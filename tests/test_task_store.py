@@ -6,7 +6,7 @@ from a2a.auth.user import User
 from a2a.server.context import ServerCallContext
 from a2a.types import ListTasksRequest, Task, TaskState, TaskStatus
 
-from molecule_codex.host import TaskStore, create_task_store, task_store_url
+from molecule_codex.task_store import TaskStore, create_task_store, task_store_url
 
 
 class _Caller(User):
@@ -37,7 +37,7 @@ async def _on_disk(url: str, task_id: str, context: ServerCallContext) -> int | 
         task = await fresh.get(task_id, context)
         return task.status.state if task else None
     finally:
-        await fresh.engine.dispose()
+        await fresh.close()
 
 
 async def test_written_when_it_appears_and_when_it_settles(tmp_path):
@@ -56,7 +56,7 @@ async def test_written_when_it_appears_and_when_it_settles(tmp_path):
         assert await _on_disk(url, "t1", alice) == TaskState.TASK_STATE_COMPLETED
         assert (await store.get("t1", alice)).status.state == TaskState.TASK_STATE_COMPLETED
     finally:
-        await store.engine.dispose()
+        await store.close()
 
 
 async def test_in_flight_versions_are_scoped_per_caller(tmp_path):
@@ -66,7 +66,7 @@ async def test_in_flight_versions_are_scoped_per_caller(tmp_path):
         await store.save(_task(TaskState.TASK_STATE_WORKING), _context("alice"))
         assert await store.get("t1", _context("bob")) is None
     finally:
-        await store.engine.dispose()
+        await store.close()
 
 
 async def test_the_sdk_mutating_its_task_does_not_change_what_we_hold(tmp_path):
@@ -80,7 +80,7 @@ async def test_the_sdk_mutating_its_task_does_not_change_what_we_hold(tmp_path):
         task.status.state = TaskState.TASK_STATE_COMPLETED  # mutated, not saved
         assert (await store.get("t1", alice)).status.state == TaskState.TASK_STATE_WORKING
     finally:
-        await store.engine.dispose()
+        await store.close()
 
 
 async def test_tasks_unfinished_at_a_crash_are_failed_on_the_next_start(tmp_path):
@@ -90,7 +90,7 @@ async def test_tasks_unfinished_at_a_crash_are_failed_on_the_next_start(tmp_path
     await crashed.save(_task(TaskState.TASK_STATE_WORKING, "running"), _context("alice"))
     await crashed.save(_task(TaskState.TASK_STATE_SUBMITTED, "done"), _context("bob"))
     await crashed.save(_task(TaskState.TASK_STATE_COMPLETED, "done"), _context("bob"))
-    await crashed.engine.dispose()  # the process "dies" here
+    await crashed.close()  # the process "dies" here
     restarted = create_task_store(url)
     try:
         assert await restarted.fail_unfinished() == 1
@@ -99,4 +99,60 @@ async def test_tasks_unfinished_at_a_crash_are_failed_on_the_next_start(tmp_path
         assert "restarted" in running.status.message.parts[0].text
         assert (await restarted.get("done", _context("bob"))).status.state == TaskState.TASK_STATE_COMPLETED
     finally:
-        await restarted.engine.dispose()
+        await restarted.close()
+
+
+async def test_an_absent_task_is_read_once_then_remembered_until_saved_or_expired(tmp_path, monkeypatch):
+    from molecule_codex import task_store
+
+    url = task_store_url(tmp_path, None)
+    store, other = create_task_store(url), create_task_store(url)
+    alice = _context("alice")
+    reads: list[str] = []
+    real_read = TaskStore._read
+
+    async def counting_read(self, task_id, owner, context):
+        reads.append(task_id)
+        return await real_read(self, task_id, owner, context)
+
+    monkeypatch.setattr(TaskStore, "_read", counting_read)
+    try:
+        assert store._sqlite is not None  # an SQLite file: single-task I/O on the store's own thread
+        for _ in range(3):  # the SDK looks a new task up several times before it exists
+            assert await store.get("new", alice) is None
+        assert reads == ["new"]
+        await store.save(_task(TaskState.TASK_STATE_SUBMITTED, "new"), alice)  # our own save forgets "absent"
+        assert (await store.get("new", alice)).status.state == TaskState.TASK_STATE_SUBMITTED
+
+        monkeypatch.setattr(task_store, "ABSENT_TTL_S", 0.0)  # another agent's write shows once "absent" expires
+        assert await store.get("elsewhere", alice) is None
+        await other.save(_task(TaskState.TASK_STATE_COMPLETED, "elsewhere"), alice)
+        assert (await store.get("elsewhere", alice)).status.state == TaskState.TASK_STATE_COMPLETED
+        assert await store.get("new", _context("bob")) is None  # absent per owner, like the table
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_absent_ids_are_bounded(tmp_path, monkeypatch):
+    from molecule_codex import task_store
+
+    monkeypatch.setattr(task_store, "ABSENT_MAX", 8)
+    store = create_task_store(task_store_url(tmp_path, None))
+    try:
+        for index in range(50):
+            assert await store.get(f"missing-{index}", _context("alice")) is None
+        assert len(store._absent) <= 8
+    finally:
+        await store.close()
+
+
+async def test_an_in_memory_database_keeps_the_async_path():
+    store = create_task_store("sqlite+aiosqlite://")
+    alice = _context("alice")
+    try:
+        assert store._sqlite is None
+        await store.save(_task(TaskState.TASK_STATE_COMPLETED), alice)
+        assert (await store.get("t1", alice)).status.state == TaskState.TASK_STATE_COMPLETED
+    finally:
+        await store.close()
