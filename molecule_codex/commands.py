@@ -31,8 +31,9 @@ Contract for the executor:
    a refusal: complete the task with its text too (it is an answer, not a failure). Bound the
    call with the turn timeout; :func:`run_command` interrupts codex itself when its own bound
    passes.
-2. ``/new``: :meth:`CommandHost.reset_thread` must forget the conversation's contextId → threadId
-   binding (persisted map included) and return the old thread id; the next message starts a
+2. ``/new``: :meth:`CommandHost.reset_thread` (async: it writes the map) must forget the
+   conversation's contextId → threadId binding (persisted map included) and return the old
+   thread id; the next message starts a
    fresh thread. The old rollout stays in CODEX_HOME (nothing is deleted, nothing is sent to codex).
 3. ``/model`` and ``/effort`` store their choice in the conversation's :class:`ModelChoice`; every
    later ``turn/start`` takes ``turn_overrides(...)`` merged into its params. Message metadata
@@ -164,8 +165,8 @@ class CommandHost(Protocol):
         """The bound thread, started (or resumed) if needed."""
         ...
 
-    def reset_thread(self) -> str | None:
-        """Forget the binding (the next message starts a fresh thread); returns the old thread id."""
+    async def reset_thread(self) -> str | None:
+        """Forget the binding, persisted too (the next message starts a fresh thread); returns the old id."""
         ...
 
     def status(self) -> StatusInfo:
@@ -185,7 +186,7 @@ async def run_command(command: Command, host: CommandHost, *, timeout: float) ->
     if command.name == "help":
         return help_text()
     if command.name == "new":
-        return new_conversation_text(host.reset_thread())
+        return new_conversation_text(await host.reset_thread())
     if command.name == "status":
         return status_text(host.status())
     if command.name == "model":
@@ -193,10 +194,9 @@ async def run_command(command: Command, host: CommandHost, *, timeout: float) ->
     if command.name == "effort":
         return await _set_effort(command.argument, host)
     if command.name == "compact":
-        thread_id = host.thread_id()
-        if thread_id is None:
+        if host.thread_id() is None:
             return "Nothing to compact yet: this conversation has no history."
-        await run_compact(host.app, thread_id, timeout=timeout)
+        await run_compact(host.app, await host.ensure_thread(), timeout=timeout)
         return "Compacted this conversation: codex replaced its history with a summary."
     if command.name == "review":
         target = await resolve_review_target(command.argument, host.cwd)

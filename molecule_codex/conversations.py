@@ -115,6 +115,14 @@ class ConversationStore:
         except sqlite3.Error as exc:
             raise ConversationStoreError(f"cannot save the conversation map at {self.path}: {exc}") from exc
 
+    def unbind(self, context_id: str) -> None:
+        """Forget a conversation's thread (chat /new); durable when this returns. The rollout stays."""
+        try:
+            with self._lock:
+                self._db.execute("DELETE FROM conversations WHERE context_id = ?", (context_id,))
+        except sqlite3.Error as exc:
+            raise ConversationStoreError(f"cannot save the conversation map at {self.path}: {exc}") from exc
+
     def touch(self, context_id: str) -> None:
         """Mark a conversation as used now (for 'most recent thread' lookups)."""
         with contextlib.suppress(sqlite3.Error), self._lock:

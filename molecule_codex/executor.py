@@ -13,6 +13,12 @@ on the shared app-server → codex notifications → :class:`turn.TurnState` →
 | ``turn/completed`` completed            | ``answer`` replaced by the full text; ``completed`` + meta |
 | ``turn/completed`` failed               | ``answer`` replaced by the reason; ``failed``              |
 | interrupted by our cancel / watchdog    | ``canceled`` (published by cancel()) / ``failed``          |
+| approval request (``approval_policy``   | ``input-required``: readable question + data part; the     |
+| on-request/untrusted, see person.py)    | answer is a message on the same taskId                     |
+
+A message whose whole text is a chat command (/new /compact /review /model /effort /status
+/help, :mod:`commands`) is a :class:`Request` too: the worker runs it in order with the
+conversation's turns and its answer (or refusal) completes the task.
 
 The shape: ``execute()`` only validates, enqueues a :class:`Request` (its publisher plus a future)
 on its conversation and waits for that future. Each conversation has at most one worker task;
@@ -45,6 +51,17 @@ Invariants:
   (and the caller is told); any other resume failure fails the request and keeps the binding;
   the history a sender brings (``identity.Identity.history``) seeds only a brand-new thread, in
   its first turn, once;
+* ``input-required`` is a pause, never an end: the asking ``execute()`` returns (a2a-sdk runs
+  the answer as the task's next ``execute()``), the turn keeps running in the worker, and the
+  task still ends terminal like every other; while a question is open no progress line flips
+  the task back to ``working``; the wait is bounded by ``approval_timeout`` (and the turn
+  limit): then codex is told no and the final text says so; a reply that is no answer is asked
+  again, never taken as a decision; cancel while waiting answers codex ``cancel`` and ends the
+  task CANCELED with the thread's history kept; a question never outlives its turn (a stopped
+  turn answers it ``cancel``); waiting for a person does not count as no progress;
+* the router drops turns it did not start (compaction and review turns of chat commands);
+  every turn sends the conversation's model and effort (/model, /effort, message metadata),
+  because codex keeps a turn's overrides for later turns;
 * nothing blocking runs on the event loop (the conversation map and attachment decoding run in
   a worker thread), and callers never see store errors, paths or other internals.
 """
@@ -75,9 +92,14 @@ from molecule_codex.app_server import (
     AppServerTimeout,
     ThreadSubscription,
 )
+from molecule_codex.approvals import FileChangeTracker, PendingApproval, effective_timeout
+from molecule_codex.command_host import CatalogCache, ConversationHost, StickyState
+from molecule_codex.commands import Command, CommandError, StatusInfo, parse_command, run_command, turn_overrides
 from molecule_codex.conversations import ConversationStore, ConversationStoreError
-from molecule_codex.identity import identify
+from molecule_codex.identity import identify, request_metadata
 from molecule_codex.inputs import CodexInput, InputBuilder, InputError
+from molecule_codex.person import PersonPolicy, prompt_parts, reply_of
+from molecule_codex.server_requests import Answer, ServerRequest
 from molecule_codex.turn import MessageStarted, Progress, TextDelta, TurnState, Usage
 
 logger = logging.getLogger(__name__)
@@ -142,6 +164,8 @@ class ExecutorOptions:
     idle_unload_after: float = 1800.0
     thread_config: Mapping[str, Any] | None = None
     workspace_id: str | None = None  # the platform's WORKSPACE_ID: scopes conversations without contextId
+    approval_timeout: float = 600.0  # how long a question waits for a person (0 = until the turn limit)
+    allow_any_model: bool = False  # a custom endpoint: /model and metadata accept ids outside codex's catalog
 
 
 @dataclass(slots=True)
@@ -168,6 +192,7 @@ class Publisher:
         self._chunks = 0
         self.terminal = False
         self.detached = False
+        self.asking = False  # input-required: progress lines wait, or they would flip the task back to working
 
     @property
     def active(self) -> bool:
@@ -181,6 +206,19 @@ class Publisher:
     def detach(self) -> None:
         self.detached = True
 
+    def rebind(self, queue: EventQueue) -> None:
+        """Publish through the queue of the latest ``execute()`` for this task (an answer's)."""
+        self._queue = queue
+        self._updater = TaskUpdater(queue, self.task_id, self.context_id)
+
+    async def input_required(self, parts: list[Part]) -> None:
+        """A question for the caller: a pause, not an end (the task goes on once it is answered)."""
+        if not self.active:
+            return
+        self.asking = True
+        message = self._updater.new_agent_message(parts)
+        await self._updater.update_status(TaskState.TASK_STATE_INPUT_REQUIRED, message=message)
+
     async def task(self, message: Message) -> None:
         """The Task event that must precede every status update."""
         await self._queue.enqueue_event(
@@ -192,9 +230,11 @@ class Publisher:
             )
         )
 
-    async def working(self, line: str | None = None) -> None:
-        if not self.active:
+    async def working(self, line: str | None = None, *, resume: bool = False) -> None:
+        """Status ``working`` with an optional line; while a question is open only ``resume`` (its answer) publishes."""
+        if not self.active or (self.asking and not resume):
             return
+        self.asking = False
         message = self._updater.new_agent_message([Part(text=line)]) if line else None
         await self._updater.update_status(TaskState.TASK_STATE_WORKING, message=message)
 
@@ -240,9 +280,13 @@ class Request:
     codex_input: CodexInput
     message_id: str
     history: str | None = None  # earlier turns, for a brand-new thread only
+    command: Command | None = None  # a chat command instead of a prompt
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # per-message model / reasoning_effort
     wakeup: asyncio.Event | None = None  # its conversation's worker, woken on cancel
     canceled: bool = False
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    pending: PendingApproval | None = None  # the question this task's caller is asked now
+    asked: asyncio.Event = field(default_factory=asyncio.Event)  # set when the task went input-required
 
     @property
     def waiting_for_answer(self) -> bool:
@@ -265,6 +309,10 @@ class Turn:
     stop_reason: str | None = None  # why we interrupted it (cancel, watchdog, shutdown)
     watchdog: bool = False  # the stop was our time limit: the turn failed, whatever codex says
     interrupt_sent: bool = False
+    deadline: float = float("inf")  # the turn limit (monotonic), set when the turn starts
+    approval: PendingApproval | None = None  # a codex request waiting for a person
+    asking: asyncio.Lock = field(default_factory=asyncio.Lock)  # one question at a time per turn
+    notes: list[str] = field(default_factory=list)  # sentences for the final text (unanswered questions)
 
     @property
     def turn_id(self) -> str | None:
@@ -292,6 +340,7 @@ class Conversation:
     unload: bool = False
     last_used: float = field(default_factory=time.monotonic)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    tracker: FileChangeTracker = field(default_factory=FileChangeTracker)  # diffs for file-change questions
 
 
 class CodexExecutor(AgentExecutor):
@@ -303,11 +352,17 @@ class CodexExecutor(AgentExecutor):
         store: ConversationStore,
         options: ExecutorOptions,
         hooks: TurnHooks | None = None,
+        person: PersonPolicy | None = None,
     ) -> None:
+        """``person``: the policy ``app`` was built with, when a person may answer codex's requests."""
         self.app = app
         self.store = store
         self.options = options
         self.hooks = hooks
+        if person is not None:
+            person.ask = self._ask_person
+        self._sticky = StickyState()
+        self._catalog = CatalogCache(app)
         self._inputs = InputBuilder(options.workspace, options.max_input_chars)
         self._conversations: dict[str, Conversation] = {}
         self._requests: dict[str, Request] = {}  # task id -> request not yet answered
@@ -327,18 +382,25 @@ class CodexExecutor(AgentExecutor):
         request: Request | None = None
         try:
             if context.current_task is not None:
-                await self._refuse_rerun(context.current_task, publisher)
+                request = self._asking(context.current_task)
+                if request is None:
+                    await self._refuse_rerun(context.current_task, publisher)
+                elif await self._take_answer(request, context.message, event_queue):
+                    await self._settled(request)
                 return
             await publisher.task(context.message)
             if self._closing:
                 await publisher.finish(_failed(SHUTTING_DOWN))
                 return
-            codex_input = await asyncio.to_thread(self._inputs.build, context.message)
+            command = parse_command(context.get_user_input())
+            codex_input = (CodexInput(text=command.text) if command is not None
+                           else await asyncio.to_thread(self._inputs.build, context.message))
             message_id = context.message.message_id if context.message else ""
             identity = identify(context, workspace_id=self.options.workspace_id)
-            request = Request(task_id, publisher, codex_input, message_id, identity.history)
+            request = Request(task_id, publisher, codex_input, message_id, identity.history, command=command,
+                              metadata=request_metadata(context))
             await self._submit(identity.key, request)
-            await request.done
+            await self._settled(request)
         except asyncio.CancelledError:
             if request is not None:
                 self._abandon(request)
@@ -363,6 +425,8 @@ class CodexExecutor(AgentExecutor):
             # The SDK cancels the request and marks a task that is still open CANCELED itself.
             logger.info("turn cancel task=%s context=%s: no running turn", task_id, context_id)
             return
+        if request.pending is not None:
+            request.pending.cancel()  # codex gets ``cancel`` (its turn stops); the worker interrupts it too
         self._abandon(request)  # also when execute() was cancelled first (a2a-python#1170): CANCELED still goes out
         self._forget(request)
         logger.info("turn cancel task=%s context=%s", task_id, context_id)
@@ -383,6 +447,84 @@ class CodexExecutor(AgentExecutor):
                 "This task is no longer running here; send the message again without a task id."
             ))
 
+    # ------------------------------------------------------------------ questions for a person
+
+    async def _settled(self, request: Request) -> None:
+        """Until the task is terminal, or asks its caller a question (the answer is a new ``execute()``)."""
+        asked = asyncio.ensure_future(request.asked.wait())
+        try:
+            await asyncio.wait((request.done, asked), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            asked.cancel()
+
+    def _asking(self, task: Task) -> Request | None:
+        """The running request of a task that asked its caller a question (a message on it answers)."""
+        request = self._requests.get(task.id)
+        if request is None or not request.publisher.active or task.status.state != _INPUT_REQUIRED:
+            return None
+        return request
+
+    async def _take_answer(self, request: Request, message: Message | None, queue: EventQueue) -> bool:
+        """Offer a reply to the task's question; False when it was no answer (the caller is asked again)."""
+        request.publisher.rebind(queue)
+        pending = request.pending
+        text, data = reply_of(message)
+        reply = pending.offer(text, data) if pending is not None else None
+        if reply is not None and not reply.accepted and not pending.done:
+            await request.publisher.input_required(prompt_parts(reply.reprompt, pending))
+            return False
+        request.asked.clear()  # before any await: the next question may follow at once
+        line = (f"Answer received ({reply.summary}); codex continues." if reply is not None and reply.accepted
+                else "codex is no longer waiting for an answer (it was declined after the wait); it continues.")
+        await request.publisher.working(line, resume=True)
+        return True
+
+    async def _ask_person(self, server_request: ServerRequest) -> Answer | None:
+        """PersonPolicy's callback: the running turn's first waiting task asks its caller; None if none waits."""
+        found = self._turn_of(server_request)
+        if found is None:
+            return None
+        conversation, turn = found
+        async with turn.asking:
+            pending = await PendingApproval.from_request(server_request, conversation.tracker)
+            asking = next((rider for rider in turn.riders if rider.waiting_for_answer), None)
+            if asking is None or turn.interrupt_sent:
+                return None
+            timeout = effective_timeout(self.options.approval_timeout, turn.deadline - time.monotonic())
+            turn.approval = asking.pending = pending
+            try:
+                await asking.publisher.input_required(prompt_parts(pending.prompt_text, pending))
+                asking.asked.set()
+                for rider in turn.riders:
+                    if rider is not asking:
+                        await rider.publisher.working(pending.waiting_line())
+                logger.info("approval asked task=%s context=%s kind=%s wait=%gs",
+                            asking.task_id, conversation.key, pending.kind, timeout)
+                resolution = await pending.wait(timeout)
+            finally:
+                turn.approval = asking.pending = None
+                conversation.wakeup.set()  # the worker's no-progress clock restarts now
+        if resolution.sentence:
+            turn.notes.append(resolution.sentence)
+            await asking.publisher.working(resolution.sentence, resume=True)
+        return resolution.answer
+
+    def _turn_of(self, server_request: ServerRequest) -> tuple[Conversation, Turn] | None:
+        """The conversation and running turn a codex request belongs to."""
+        turn_id = server_request.params.get("turnId")
+        for conversation in self._conversations.values():
+            turn = conversation.turn
+            if (conversation.thread_id == server_request.thread_id and turn is not None and turn.state is not None
+                    and turn_id in (None, turn.turn_id)):
+                return conversation, turn
+        return None
+
+    @staticmethod
+    def _busy_line(conversation: Conversation, line: str) -> str:
+        """A status line for a message that waits behind (or joins) the running turn."""
+        turn = conversation.turn
+        return f"{line} {turn.approval.waiting_line()}" if turn and turn.approval else line
+
     # ------------------------------------------------------------------ requests and workers
 
     async def _submit(self, key: str, request: Request) -> None:
@@ -397,7 +539,7 @@ class CodexExecutor(AgentExecutor):
         self._start_worker(conversation)
         self._ensure_sweeper()
         if busy and not (self.options.on_busy == "steer" and conversation.turn is not None):
-            await request.publisher.working(WAITING_LINE)
+            await request.publisher.working(self._busy_line(conversation, WAITING_LINE))
 
     def _start_worker(self, conversation: Conversation) -> None:
         conversation.wakeup.set()
@@ -435,7 +577,10 @@ class CodexExecutor(AgentExecutor):
                     if self._closing:
                         await request.finish(_failed(SHUTTING_DOWN))
                         continue
-                    await self._run_turn(conversation, request)
+                    if request.command is not None:
+                        await self._run_command(conversation, request)
+                    else:
+                        await self._run_turn(conversation, request)
         except Exception:
             reference = _internal_error(f"conversation={conversation.key}")
             await self._fail_waiting(conversation, _failed(_internal_text(reference)))
@@ -457,6 +602,77 @@ class CodexExecutor(AgentExecutor):
             with contextlib.suppress(Exception):
                 await request.finish(result)
 
+    # ------------------------------------------------------------------ chat commands
+
+    async def _run_command(self, conversation: Conversation, request: Request) -> None:
+        """A chat command, in order with the conversation's turns; its answer (or refusal) completes the task."""
+        command = request.command
+        assert command is not None
+        await request.publisher.working()
+        try:
+            async with asyncio.timeout(self.options.turn_timeout + THREAD_REQUEST_TIMEOUT_S):
+                await self.app.ensure_running()
+                if not conversation.looked_up:
+                    conversation.thread_id = await asyncio.to_thread(self.store.get, conversation.key)
+                    conversation.looked_up = True
+                host = self._command_host(conversation, request)
+                text = await run_command(command, host, timeout=self.options.turn_timeout)
+            result = TurnResult(_COMPLETED, text)
+        except CommandError as exc:
+            result = TurnResult(_COMPLETED, str(exc))  # a refusal is an answer, not a failure
+        except (AppServerError, AppServerExited, ConversationStoreError, TimeoutError, OSError) as exc:
+            logger.warning("chat command /%s failed context=%s: %s", command.name, conversation.key, exc)
+            result = _failed(f"The command {command.text.split()[0]} did not finish: "
+                             f"{_for_caller(getattr(exc, 'message', '') or str(exc) or type(exc).__name__)}")
+        finally:
+            conversation.last_used = time.monotonic()
+        await request.finish(result)
+
+    def _command_host(self, conversation: Conversation, request: Request) -> ConversationHost:
+        """What :mod:`commands` may see and change of this conversation."""
+        sticky = self._sticky.get(conversation.key)
+        options = self.options
+
+        async def load() -> str:
+            await self._load_thread(conversation, request.publisher)
+            assert conversation.thread_id is not None
+            return conversation.thread_id
+
+        def facts() -> StatusInfo:
+            return StatusInfo(
+                thread_id=conversation.thread_id,
+                model=sticky.choice.model or options.model,
+                effort=sticky.choice.effort or options.reasoning_effort,
+                sandbox=options.sandbox or "the permission profile of config.toml",
+                approval_policy=options.approval_policy,
+                usage=sticky.usage,
+                queue_depth=len(conversation.queue),
+            )
+
+        return ConversationHost(
+            app=self.app, cwd=options.workspace, choice=sticky.choice, configured_model=options.model,
+            configured_effort=options.reasoning_effort, allow_any_model=options.allow_any_model,
+            bound=lambda: conversation.thread_id, load=load, unbind=lambda: self._unbind(conversation), facts=facts,
+        )
+
+    async def _unbind(self, conversation: Conversation) -> str | None:
+        """/new: forget the conversation's thread (map included); codex keeps its rollout on disk."""
+        old = conversation.thread_id
+        self._sticky.get(conversation.key).started_over = True  # the sender's history must not seed the new thread
+        if old is None:
+            return None
+        await asyncio.to_thread(self.store.unbind, conversation.key)
+        loaded = conversation.subscription is not None and conversation.loaded_generation == self.app.generation
+        self._detach_thread(conversation)
+        conversation.thread_id = None
+        conversation.fresh_thread = False
+        if loaded:  # codex unloads an unsubscribed thread by itself once it is idle
+            with contextlib.suppress(AppServerError, AppServerExited):
+                await self.app.request("thread/unsubscribe", {"threadId": old}, timeout=INTERRUPT_TIMEOUT_S)
+        self.app.forget_thread(old)
+        logger.info("thread unbound context=%s thread=%s (/new)", conversation.key, old)
+        return old
+
     # ------------------------------------------------------------------ one codex turn
 
     async def _run_turn(self, conversation: Conversation, request: Request) -> None:
@@ -477,11 +693,15 @@ class CodexExecutor(AgentExecutor):
             with contextlib.suppress(Exception):
                 await self._interrupt(turn, "internal error")
         finally:
+            if turn.approval is not None:
+                turn.approval.cancel()  # a question never outlives its turn: codex gets its answer
             conversation.turn = None
             conversation.last_used = time.monotonic()
             if self.hooks:
                 self.hooks.turn_finished(conversation.key, result is not None and result.state == _COMPLETED)
         state = turn.state
+        if state is not None:
+            self._sticky.get(conversation.key).count(state.usage)
         logger.info(
             "turn end context=%s thread=%s task=%s turn=%s state=%s riders=%d duration=%.2fs "
             "tokens_in=%d tokens_out=%d",
@@ -558,12 +778,18 @@ class CodexExecutor(AgentExecutor):
             return _canceled()  # canceled while codex restarted or the thread loaded: codex never sees it
         if self._closing:
             return _failed(SHUTTING_DOWN)
+        sticky = self._sticky.get(conversation.key)
         items = list(request.codex_input.items)
-        if conversation.fresh_thread and request.history:
+        if conversation.fresh_thread and request.history and not sticky.started_over:
             items.insert(0, {"type": "text", "text": f"{HISTORY_HEADER}\n\n{request.history}\n\n{HISTORY_FOOTER}"})
         params: dict[str, Any] = {"threadId": conversation.thread_id, "input": items}
         if request.message_id:
             params["clientUserMessageId"] = request.message_id
+        try:
+            params.update(turn_overrides(self._command_host(conversation, request), await self._catalog.get(),
+                                         request.metadata))
+        except CommandError as exc:
+            return TurnResult(TaskState.TASK_STATE_REJECTED, str(exc))
         timeout = self._request_timeout(TURN_START_TIMEOUT_S)
         try:
             started = await self.app.request("turn/start", params, timeout=timeout)
@@ -591,14 +817,14 @@ class CodexExecutor(AgentExecutor):
         state, subscription = turn.state, conversation.subscription
         assert state is not None and subscription is not None
         options = self.options
-        deadline = time.monotonic() + options.turn_timeout
+        deadline = turn.deadline = time.monotonic() + options.turn_timeout
         last_progress = time.monotonic()
         settle_until: float | None = None
         generation = self.app.generation
         while True:
             conversation.wakeup.clear()
-            if await self._publish_events(conversation, turn, subscription):
-                last_progress = time.monotonic()
+            if await self._publish_events(conversation, turn, subscription) or turn.approval is not None:
+                last_progress = time.monotonic()  # waiting for a person is not a stall (approval_timeout bounds it)
             if state.done:
                 break
             await self._steer_waiting(conversation, turn)
@@ -613,6 +839,8 @@ class CodexExecutor(AgentExecutor):
             else:
                 reason = self._stop_reason(turn, now, deadline, last_progress)
                 if reason is not None:
+                    if turn.approval is not None:
+                        turn.approval.cancel()
                     if not await self._interrupt(turn, reason):
                         self._detach_thread(conversation)
                         self._spawn_background(self._restart_app("codex stopped answering", generation))
@@ -652,6 +880,7 @@ class CodexExecutor(AgentExecutor):
         text: list[str] = []
         progressed = False
         while not state.done and (event := subscription.get_nowait()) is not None:
+            conversation.tracker.observe(event)
             if event.turn_id != state.turn_id:
                 logger.debug("dropped %s of thread=%s turn=%s (not the running turn)",
                              event.method, event.thread_id, event.turn_id)
@@ -689,6 +918,8 @@ class CodexExecutor(AgentExecutor):
             if not request.waiting_for_answer:
                 conversation.queue.popleft()
                 continue
+            if request.command is not None:
+                return  # a command runs on its own, after this turn
             try:
                 await self.app.request(
                     "turn/steer",
@@ -704,7 +935,7 @@ class CodexExecutor(AgentExecutor):
             turn.riders.append(request)
             logger.info("turn steer task=%s joined turn=%s context=%s", request.task_id, turn.turn_id,
                         conversation.key)
-            await request.publisher.working(JOINED_LINE)
+            await request.publisher.working(self._busy_line(conversation, JOINED_LINE))
 
     def _result(self, conversation: Conversation, turn: Turn) -> TurnResult:
         state = turn.state
@@ -720,7 +951,8 @@ class CodexExecutor(AgentExecutor):
         if turn.watchdog or (turn.stop_reason and not state.done):
             return TurnResult(_FAILED, f"The turn was stopped: {turn.stop_reason}.", metadata)
         if state.status == "completed":
-            return TurnResult(_COMPLETED, state.answer(), metadata)
+            return TurnResult(_COMPLETED, MESSAGE_SEPARATOR.join(
+                text for text in (state.answer(), *turn.notes) if text), metadata)
         if state.status == "interrupted":
             if not turn.wanted:
                 return _canceled(metadata)
@@ -939,6 +1171,7 @@ class CodexExecutor(AgentExecutor):
 
 
 _COMPLETED = TaskState.TASK_STATE_COMPLETED
+_INPUT_REQUIRED = TaskState.TASK_STATE_INPUT_REQUIRED
 _FAILED = TaskState.TASK_STATE_FAILED
 _TERMINAL = frozenset({_COMPLETED, _FAILED, TaskState.TASK_STATE_CANCELED, TaskState.TASK_STATE_REJECTED})
 

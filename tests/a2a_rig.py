@@ -26,6 +26,7 @@ from molecule_codex.conversations import ConversationStore
 from molecule_codex.demo.scripted_model import SCRIPTED_API_KEY_ENV, ScriptedModel, write_codex_config
 from molecule_codex.executor import CodexExecutor, ExecutorOptions, TurnHooks
 from molecule_codex.host import build_agent_card, build_app
+from molecule_codex.person import PersonPolicy, server_request_deadline
 from molecule_codex.task_store import create_task_store, task_store_url
 
 #: Generous per-call client timeout: the SDK default (5 s) is shorter than some test turns.
@@ -210,10 +211,12 @@ async def serve_codex(
     state_dir = state_dir or tmp_path / "state"
     codex_home = codex_home or state_dir / "codex-home"
     write_codex_config(codex_home, model.base_url, stream_idle_timeout_ms=stream_idle_timeout_ms, extra_toml=extra_toml)
-    app = AppServer(codex_home=codex_home, cwd=workspace, env={**os.environ, SCRIPTED_API_KEY_ENV: "scripted-key"},
-                    backoff=backoff)
     options = replace(ExecutorOptions(workspace=workspace, model="scripted-model"), **option_overrides)
-    executor = CodexExecutor(app, ConversationStore(state_dir), options, hooks=hooks)
+    person = PersonPolicy(options.approval_policy)
+    app = AppServer(codex_home=codex_home, cwd=workspace, env={**os.environ, SCRIPTED_API_KEY_ENV: "scripted-key"},
+                    backoff=backoff, policy=person,
+                    server_request_deadline=server_request_deadline(options.approval_timeout, options.turn_timeout))
+    executor = CodexExecutor(app, ConversationStore(state_dir), options, hooks=hooks, person=person)
     store = create_task_store(task_store_url(state_dir, None))
     await store.fail_unfinished()
     card = build_agent_card("http://127.0.0.1:0/", name="codex-test", description="test", version="0")

@@ -52,7 +52,7 @@ class Host:
             self.bound, _ = await rig.start_thread(self.app, self.cwd)
         return self.bound
 
-    def reset_thread(self) -> str | None:
+    async def reset_thread(self) -> str | None:
         old, self.bound = self.bound, None
         return old
 
