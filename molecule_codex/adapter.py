@@ -31,11 +31,11 @@ from molecule_codex.app_server import AppServer, AppServerExited
 from molecule_codex.codex_binary import CodexBinary, CodexBinaryError, resolve_codex_binary
 from molecule_codex.conversations import ConversationStore
 from molecule_codex.executor import CodexExecutor, ExecutorOptions
+from molecule_codex.person import PersonPolicy, server_request_deadline
 from molecule_codex.preflight import PreflightError, PreflightReport, check_writable_dir, resolve_sandbox
 from molecule_codex.preflight import probe_sandbox as run_sandbox_probe
 from molecule_codex.read_deny import ReadDeny, build_read_deny, secret_locations, workspace_conflict
 from molecule_codex.runtime_seam import AdapterConfig, BaseAdapter, RuntimeCapabilities
-from molecule_codex.server_requests import ServerRequestPolicy
 from molecule_codex.settings import (
     CONFIG_SCHEMA,
     DEFAULT_TURN_TIMEOUT_S,
@@ -125,6 +125,7 @@ class CodexAdapter(BaseAdapter):
         self._prepared: _Prepared | None = None
         self._executor: CodexExecutor | None = None
         self._app: AppServer | None = None
+        self._person: PersonPolicy | None = None  # AppServer's policy; the executor asks people through it
         self._store: ConversationStore | None = None
         self._heartbeat: Any = None
         self._hook_tasks: set[asyncio.Task[Any]] = set()
@@ -365,12 +366,16 @@ class CodexAdapter(BaseAdapter):
             instructions = f"{instructions}\n\n{extra}" if instructions else extra
         app_env = child_env(env, set(prepared.provider.codex_env_names))
         app_env.update(prepared.provider.child_env_additions)
+        self._person = PersonPolicy(prepared.settings.approval_policy)
         self._app = AppServer(
             codex_home=prepared.codex_home,
             cwd=prepared.workspace,
             binary=prepared.binary,
             env=app_env,
-            policy=ServerRequestPolicy(approval_policy=prepared.settings.approval_policy),
+            policy=self._person,
+            # AppServer declines a request whose policy is slower than this: a person may take until then.
+            server_request_deadline=server_request_deadline(prepared.settings.approval_timeout,
+                                                            prepared.settings.turn_timeout),
             strict_config=True,
         )
         self._store = ConversationStore(prepared.state_dir)
@@ -410,13 +415,15 @@ class CodexAdapter(BaseAdapter):
             max_concurrent_turns=settings.max_concurrent_turns,
             idle_unload_after=settings.idle_unload_after,
             workspace_id=self._env.get("WORKSPACE_ID") or None,
+            approval_timeout=settings.approval_timeout,
+            allow_any_model=prepared.provider.kind == "custom",  # a custom endpoint serves ids codex does not list
         )
 
     async def create_executor(self, config: AdapterConfig) -> CodexExecutor:
         """The executor over the warm app-server; stored as ``self._executor``."""
         if self._app is None or self._store is None:
             raise RuntimeError("create_executor() called before a successful setup()")
-        self._executor = CodexExecutor(self._app, self._store, self._options, hooks=self)
+        self._executor = CodexExecutor(self._app, self._store, self._options, hooks=self, person=self._person)
         return self._executor
 
     async def shutdown(self, reason: str = "the agent is shutting down") -> None:

@@ -41,6 +41,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from molecule_codex.commands import command_skills
 from molecule_codex.identity import CLIENT_CONTEXT_ID_STATE
 from molecule_codex.reply_usage import CALL_CONTEXT_ATTR, counted
 from molecule_codex.task_store import TaskStore
@@ -78,7 +79,8 @@ def build_agent_card(
                 name="Coding agent",
                 description="Reads, writes and runs code in its workspace with the OpenAI Codex CLI.",
                 tags=["coding", "shell", "codex"],
-            )
+            ),
+            *command_skills(),
         ],
     )
 

@@ -94,9 +94,10 @@ class ServerRequestPolicy:
     """Decides every server→client request for one app-server.
 
     ``approval_policy`` is the one the threads run with. Under ``never`` codex should not ask
-    at all; if it does anyway we decline with a reason. Under the asking policies there is no
-    human in a headless A2A turn, so commands and patches are declined too; the turn carries on
-    and the model sees the refusal.
+    at all; if it does anyway we decline with a reason. Under the asking policies a person
+    answers through :class:`person.PersonPolicy`, which falls back to this policy when no task
+    waits for the request (a chat command's review turn, a task already gone): then commands and
+    patches are declined; the turn carries on and the model sees the refusal.
     """
 
     approval_policy: str = "never"
