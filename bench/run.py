@@ -77,15 +77,18 @@ KEYS = (
     "sdk_floor_ms", "own_overhead_p50_ms",
     "cold_start_ms", "cold_start_direct_ms", "cold_start_diff_ms", "serve_import_ms",
     "process_to_card_ms", "process_to_first_reply_ms",
-    "rss_mb_8", "rss_mb_32", "rss_detail_mb",
+    "rss_mb_8", "rss_mb_32", "rss_detail_mb", "memory",
     "tokens_check", "tokens_detail",
 )
 
 MODES = {
     # sequential turns, concurrency levels, exec turns, first-chunk samples
-    "full": {"turns": 50, "levels": (8, 32), "exec_turns": 6, "chunk_samples": 20, "cold_processes": 5},
-    "quick": {"turns": 15, "levels": (8,), "exec_turns": 4, "chunk_samples": 8, "cold_processes": 2},
-    "smoke": {"turns": 1, "levels": (8,), "exec_turns": 2, "chunk_samples": 1, "cold_processes": 1},
+    "full": {"turns": 50, "levels": (8, 32), "exec_turns": 6, "chunk_samples": 20, "cold_processes": 5,
+             "memory_conversations": 200},
+    "quick": {"turns": 15, "levels": (8,), "exec_turns": 4, "chunk_samples": 8, "cold_processes": 2,
+              "memory_conversations": 32},
+    "smoke": {"turns": 1, "levels": (8,), "exec_turns": 2, "chunk_samples": 1, "cold_processes": 1,
+              "memory_conversations": 4},
 }
 
 
@@ -475,6 +478,24 @@ async def measure_concurrency(direct: Direct, client: A2A, n: int) -> dict[str, 
     return {"a2a": a2a, "direct": floor}
 
 
+async def measure_memory(client: A2A, running: Any, conversations: int) -> dict[str, Any]:
+    """RSS after ``conversations`` fresh conversations (one turn each, 16 at a time), with their
+    threads kept loaded (``idle_unload_after: 0``, never) and after the idle sweep unloaded them
+    (what any ``idle_unload_after`` such as 60 s leads to once they are idle that long)."""
+    executor, app = running.adapter._executor, running.adapter._app
+    python_before, codex_before = rss_mb(os.getpid()), tree_rss_mb(app.pid)
+    for start in range(0, conversations, 16):
+        batch = range(start, min(start + 16, conversations))
+        await asyncio.gather(*(client.send(f"memory {index}") for index in batch))
+    loaded = {"python": round(rss_mb(os.getpid()), 1), "codex": round(tree_rss_mb(app.pid), 1)}
+    unloaded_count = await executor.unload_idle(now=time.monotonic() + executor.options.idle_unload_after + 1)
+    await asyncio.sleep(1.0)  # let codex finish archiving and free what it frees
+    unloaded = {"python": round(rss_mb(os.getpid()), 1), "codex": round(tree_rss_mb(app.pid), 1)}
+    return {"conversations": conversations, "threads_unloaded": unloaded_count,
+            "before": {"python": round(python_before, 1), "codex": round(codex_before, 1)},
+            "never_unloaded": loaded, "after_idle_unload": unloaded}
+
+
 async def measure_shared(direct: Direct, n: int) -> float:
     """N conversations through one codex thread behind one lock."""
     thread_id, sub = await direct.new_thread()
@@ -582,6 +603,7 @@ async def run(mode: str, profile_path: Path | None, task_store: str | None = Non
                     shared_walls[str(n)] = round(await measure_shared(direct, n), 3)
                     out[f"shared_thread_ratio_{n}"] = round(shared_walls[str(n)] / walls[str(n)]["a2a"], 2)
                 out.update(concurrency_wall_s=walls, shared_thread_wall_s=shared_walls, rss_detail_mb=rss)
+                out["memory"] = await measure_memory(client, running, cfg["memory_conversations"])
             finally:
                 await direct.app.close()
     out["runtime_s"] = round(time.perf_counter() - started, 1)
@@ -620,10 +642,19 @@ def table(out: dict[str, Any]) -> str:
         ("serve process → card / reply", f"{out['process_to_card_ms']} / {out['process_to_first_reply_ms']} ms   "
                                          "(target reply <= 1000)"),
         ("rss MB 8 / 32 (python+codex)", f"{out['rss_mb_8']} / {out['rss_mb_32']}  {out['rss_detail_mb']}"),
+        ("memory (MB) after N conversations", _memory_row(out["memory"])),
         ("tokens check", str(out["tokens_check"])),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def _memory_row(memory: dict[str, Any] | None) -> str:
+    if not memory:
+        return "-"
+    kept, freed = memory["never_unloaded"], memory["after_idle_unload"]
+    return (f"N={memory['conversations']}: loaded (never unload) python {kept['python']} codex {kept['codex']}; "
+            f"after idle unload python {freed['python']} codex {freed['codex']}")
 
 
 def main(argv: list[str] | None = None) -> int:
