@@ -84,6 +84,7 @@ from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events import EventQueue
 from a2a.server.tasks import TaskUpdater
 from a2a.types import Message, Part, Task, TaskState, TaskStatus
+from google.protobuf import json_format
 
 from molecule_codex.app_server import (
     AppServer,
@@ -96,7 +97,7 @@ from molecule_codex.approvals import FileChangeTracker, PendingApproval, effecti
 from molecule_codex.command_host import CatalogCache, ConversationHost, StickyState
 from molecule_codex.commands import Command, CommandError, StatusInfo, parse_command, run_command, turn_overrides
 from molecule_codex.conversations import ConversationStore, ConversationStoreError
-from molecule_codex.identity import identify, request_metadata
+from molecule_codex.identity import identify
 from molecule_codex.inputs import CodexInput, InputBuilder, InputError
 from molecule_codex.person import PersonPolicy, prompt_parts, reply_of
 from molecule_codex.server_requests import Answer, ServerRequest
@@ -398,7 +399,7 @@ class CodexExecutor(AgentExecutor):
             message_id = context.message.message_id if context.message else ""
             identity = identify(context, workspace_id=self.options.workspace_id)
             request = Request(task_id, publisher, codex_input, message_id, identity.history, command=command,
-                              metadata=request_metadata(context))
+                              metadata=_message_metadata(context.message))
             await self._submit(identity.key, request)
             await self._settled(request)
         except asyncio.CancelledError:
@@ -530,6 +531,8 @@ class CodexExecutor(AgentExecutor):
     async def _submit(self, key: str, request: Request) -> None:
         """Put ``request`` in its conversation's queue and make sure a worker takes it."""
         self._requests[request.task_id] = request
+        # A task that asked a question ends with no execute() running; it is forgotten when it ends.
+        request.done.add_done_callback(lambda _done: self._forget(request) if request.publisher.terminal else None)
         conversation = self._conversations.get(key)
         if conversation is None:
             conversation = self._conversations[key] = Conversation(key)
@@ -1180,6 +1183,14 @@ def _context_id(context: RequestContext, task_id: str) -> str:
     """The task's conversation: a follow-up without contextId gets a fresh random one from the SDK,
     so the stored task knows better."""
     return context.current_task.context_id if context.current_task else (context.context_id or task_id)
+
+
+def _message_metadata(message: Message | None) -> dict[str, Any]:
+    """The message's own metadata (per-message ``model`` / ``reasoning_effort``); request-level
+    metadata is the platform's (history, chat ids) and never chooses a model."""
+    if message is None or not message.HasField("metadata"):
+        return {}
+    return json_format.MessageToDict(message.metadata)
 
 
 def _internal_error(where: str) -> str:

@@ -156,6 +156,7 @@ async def test_no_answer_is_declined_after_approval_timeout(model: ScriptedModel
     async with serve_codex(tmp_path, model, approval_policy="on-request", approval_timeout=1.0) as served:
         call, _, _ = await ask(served, f"[escalate=printf ran > {target}]")
         task = await wait_terminal(served, call.task_id)
+        assert call.task_id not in served.executor._requests  # ended with no execute() running: still forgotten
         late = user_message("approve", task_id=call.task_id, context_id=task.context_id)
         with pytest.raises(Exception, match="terminal state"):
             await send(await served.client(streaming=False), late)
