@@ -54,6 +54,9 @@ ABSENT_MAX = 4096
 UNFINISHED_STATES = frozenset(
     {TaskState.TASK_STATE_SUBMITTED, TaskState.TASK_STATE_WORKING, TaskState.TASK_STATE_UNSPECIFIED}
 )
+#: States in which a task still needs the process that runs it (running, or waiting for a
+#: person's answer): after a restart none of them can go on.
+OPEN_STATES = UNFINISHED_STATES | {TaskState.TASK_STATE_INPUT_REQUIRED}
 #: Task metadata naming the agent that runs a task on a shared store (see TaskStore.instance).
 INSTANCE_METADATA_KEY = "molecule_codex_instance"
 INTERRUPTED_BY_RESTART = "The agent restarted while this task was running; send the message again to continue."
@@ -116,7 +119,7 @@ class TaskStore(DatabaseTaskStore):
         self._absent.pop(key, None)
         if key not in self._live or not in_flight:
             try:
-                await self._write(self._stamped(task) if in_flight else task, owner, context)
+                await self._write(self._stamped(task) if task.status.state in OPEN_STATES else task, owner, context)
             except SQLAlchemyError as exc:
                 if not in_flight:
                     # Settled but not written (disk full, read-only): readers get the outcome, not the last
@@ -213,7 +216,7 @@ class TaskStore(DatabaseTaskStore):
         return stamped
 
     async def fail_unfinished(self, reason: str = INTERRUPTED_BY_RESTART) -> int:
-        """Mark every task left submitted/working by a previous process as FAILED (all callers).
+        """Mark every task a previous process left open (running or waiting for input) FAILED (all callers).
 
         On a shared store only this agent's own (stamped with ``instance``): another agent's
         running tasks are not ours to end."""
@@ -223,7 +226,7 @@ class TaskStore(DatabaseTaskStore):
             rows = (await session.execute(select(self.task_model))).scalars().all()
             for row in rows:
                 task = self._from_orm(row)
-                if task.status.state not in UNFINISHED_STATES:
+                if task.status.state not in OPEN_STATES:
                     continue
                 owner = task.metadata.fields.get(INSTANCE_METADATA_KEY)
                 if self.instance is not None and (owner is None or owner.string_value != self.instance):

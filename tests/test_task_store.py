@@ -90,13 +90,16 @@ async def test_tasks_unfinished_at_a_crash_are_failed_on_the_next_start(tmp_path
     await crashed.save(_task(TaskState.TASK_STATE_WORKING, "running"), _context("alice"))
     await crashed.save(_task(TaskState.TASK_STATE_SUBMITTED, "done"), _context("bob"))
     await crashed.save(_task(TaskState.TASK_STATE_COMPLETED, "done"), _context("bob"))
+    await crashed.save(_task(TaskState.TASK_STATE_SUBMITTED, "asking"), _context("carol"))
+    await crashed.save(_task(TaskState.TASK_STATE_INPUT_REQUIRED, "asking"), _context("carol"))
     await crashed.close()  # the process "dies" here
     restarted = create_task_store(url)
     try:
-        assert await restarted.fail_unfinished() == 1
-        running = await restarted.get("running", _context("alice"))
-        assert running.status.state == TaskState.TASK_STATE_FAILED
-        assert "restarted" in running.status.message.parts[0].text
+        assert await restarted.fail_unfinished() == 2  # nobody is left to act on a person's answer either
+        for task_id, caller in (("running", "alice"), ("asking", "carol")):
+            task = await restarted.get(task_id, _context(caller))
+            assert task.status.state == TaskState.TASK_STATE_FAILED
+            assert "restarted" in task.status.message.parts[0].text
         assert (await restarted.get("done", _context("bob"))).status.state == TaskState.TASK_STATE_COMPLETED
     finally:
         await restarted.close()
