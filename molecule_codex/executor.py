@@ -394,8 +394,12 @@ class CodexExecutor(AgentExecutor):
                 await publisher.finish(_failed(SHUTTING_DOWN))
                 return
             command = parse_command(context.get_user_input())
-            codex_input = (CodexInput(text=command.text) if command is not None
-                           else await asyncio.to_thread(self._inputs.build, context.message))
+            if command is not None:
+                codex_input = CodexInput(text=command.text)
+            elif self._inputs.touches_disk(context.message):  # attachments: decode and save off the loop
+                codex_input = await asyncio.to_thread(self._inputs.build, context.message)
+            else:
+                codex_input = self._inputs.build(context.message)  # a thread hop would cost more than this
             message_id = context.message.message_id if context.message else ""
             identity = identify(context, workspace_id=self.options.workspace_id)
             request = Request(task_id, publisher, codex_input, message_id, identity.history, command=command,

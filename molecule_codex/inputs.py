@@ -115,6 +115,12 @@ class InputBuilder:
         self.workspace = Path(workspace)
         self.max_input_chars = max_input_chars
 
+    @staticmethod
+    def touches_disk(message: Message) -> bool:
+        """Whether building ``message`` decodes or writes attachments or resolves files (blocking
+        work for a thread); text and data parts alone are converted in microseconds."""
+        return any(part.WhichOneof("content") in ("raw", "url") for part in message.parts)
+
     def build(self, message: Message) -> CodexInput:
         """Convert ``message``; raise InputError with a caller-readable reason."""
         collected = _Collected()

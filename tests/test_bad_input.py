@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from a2a.types import Part, TaskState
+from a2a.types import Message, Part, Role, TaskState
 from a2a_rig import Served, send, serve_codex, status_texts, terminal_state, user_message
 from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, event, given, settings
@@ -731,3 +731,17 @@ async def test_fuzz_v03_message_shapes(rig, fixed_reply, body):
 async def test_still_serving_after_the_fuzz(rig):
     rig.assert_nothing_outside()
     await rig.assert_still_serving()
+
+
+def test_only_messages_with_files_are_built_off_the_event_loop():
+    """Attachments are decoded and saved in a thread; text and data parts are too cheap for a hop."""
+    text, data = Part(text="hi"), Part(data=struct_pb2.Value(string_value="x"))
+    raw = Part(raw=b"\x89PNG", filename="a.png", media_type="image/png")
+    url = Part(url="data:text/plain;base64,aGk=", filename="a.txt")
+    assert not InputBuilder.touches_disk(user_message_with(text, data))
+    assert InputBuilder.touches_disk(user_message_with(text, raw))
+    assert InputBuilder.touches_disk(user_message_with(url))
+
+
+def user_message_with(*parts: Part) -> Message:
+    return Message(role=Role.ROLE_USER, message_id="m", parts=list(parts))
