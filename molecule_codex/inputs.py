@@ -25,6 +25,8 @@ from a2a.types import Message, Part
 from google.protobuf import json_format
 from google.protobuf.json_format import MessageToDict
 
+from molecule_codex.reply_usage import whole_numbers
+
 #: Where attachments land inside the workspace (codex can read them there).
 INPUTS_DIRNAME = ".molecule/inputs"
 #: Filenames we write: keep them short and free of separators and control characters.
@@ -79,17 +81,6 @@ def _resolve_local(reference: str, workspace: Path) -> Path:
     if not is_file:
         raise InputError(f"refused file reference {reference!r}: no such file in the workspace")
     return resolved
-
-
-def _whole_numbers(value: Any) -> Any:
-    """Undo protobuf's number widening: ``Value`` keeps every number as a double, so 2 reads back 2.0."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {key: _whole_numbers(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_whole_numbers(item) for item in value]
-    return value
 
 
 def _is_image(media_type: str, name: str) -> bool:
@@ -155,7 +146,7 @@ class InputBuilder:
             collected.texts.append(part.text)
         elif kind == "data":
             try:
-                data = _whole_numbers(MessageToDict(part.data))
+                data = whole_numbers(MessageToDict(part.data))
             except (ValueError, json_format.Error):
                 raise InputError(f"part {index}: the data holds NaN or Infinity, which JSON cannot carry") from None
             collected.texts.append(json.dumps(data, ensure_ascii=False, sort_keys=True))
