@@ -207,6 +207,44 @@ async def test_cursor_moves_only_over_the_handled_prefix_when_turns_finish_out_o
     assert sorted(sent.peer for sent in fake.peer_sends) == ["ws-a", "ws-b"]
 
 
+async def test_a_410_re_read_of_a_finished_row_does_not_stall_the_cursor(fake, tmp_path: Path):
+    """After a 410 the feed's last ten minutes come again, including a row that finished while an
+    older one still runs; counting it twice must not pin the cursor (and the ack) behind it forever."""
+    handler = _HeldHandler()
+    client = PlatformClient(fake.url, fake.workspace_id, Token(fake.token, "test"))
+    inbox = Inbox(client, handler, InboxState.load(tmp_path), poll_interval=0.05)
+    slow = fake.message("slow", source_id="ws-a")
+    fast = fake.message("fast", source_id="ws-b")
+    skipped = fake.add_row(method="tasks/get", source_id="ws-c", request_body={})
+    run = asyncio.create_task(inbox.run())
+    state_file = tmp_path / STATE_FILENAME
+
+    def saved() -> dict:
+        return json.loads(state_file.read_text()) if state_file.exists() else {"handled": [], "cursor": None}
+
+    try:
+        await _until(lambda: len(handler.started) == 2)
+        handler.release["fast"].set()
+        await _until(lambda: fast in saved()["handled"] and skipped in saved()["handled"])
+        fake.pruned.add(skipped)  # the cursor row is gone: the next poll gets a 410 and re-reads
+        await _until(lambda: any(status == 410 for _m, _p, status in fake.log))
+        gone = next(i for i, (_m, _p, status) in enumerate(fake.log) if status == 410)
+        await _until(lambda: any(path.endswith("/activity") for _m, path, _s in fake.log[gone + 1:]))
+        await asyncio.sleep(0.1)  # the re-read page is accepted before "slow" finishes
+        handler.release["slow"].set()
+        later = fake.message("later", source_id="ws-d")
+        await _until(lambda: "later" in handler.started)
+        handler.release["later"].set()
+        await _until(lambda: saved()["cursor"] == later)
+        assert slow in saved()["handled"]
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        await inbox.stop()
+        await client.aclose()
+    assert sorted(sent.peer for sent in fake.peer_sends) == ["ws-a", "ws-b", "ws-d"]
+
+
 async def test_doctor_platform_section(fake, caplog):
     caplog.set_level(logging.DEBUG)
     env = {"PLATFORM_URL": fake.url, "WORKSPACE_ID": fake.workspace_id, "MOLECULE_WORKSPACE_TOKEN": fake.token}

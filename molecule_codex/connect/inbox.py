@@ -224,8 +224,8 @@ class Inbox:
             logger.warning("activity row without an id skipped (it cannot be tracked)")
             return
         self._fetch_after = row.id
-        if row.id in self._inflight:
-            return
+        if row.id in self._inflight or row.id in self._finished:
+            return  # already in _order (a 410 re-read): a second entry would never fold into the cursor
         self._order.append(row.id)
         if row.seq is not None:
             self._seqs[row.id] = row.seq
