@@ -741,7 +741,7 @@ async def test_still_serving_after_the_fuzz(rig):
     await rig.assert_still_serving()
 
 
-def test_only_messages_with_files_are_built_off_the_event_loop():
+async def test_only_messages_with_files_are_built_off_the_event_loop():
     """Attachments are decoded and saved in a thread; text and data parts are too cheap for a hop."""
     text, data = Part(text="hi"), Part(data=struct_pb2.Value(string_value="x"))
     raw = Part(raw=b"\x89PNG", filename="a.png", media_type="image/png")
