@@ -157,7 +157,7 @@ class Inbox:
         self._poll_interval = poll_interval
         self._fetch_after: str | None = state.cursor
         self._order: collections.deque[str] = collections.deque()  # fetched rows not yet folded into the cursor
-        self._finished: set[str] = set()
+        self._finished: set[str] = set()  # rows in _order that are done, not yet folded
         self._seqs: dict[str, int] = {}
         self._prefix_seq = state.acked_seq
         self._inflight: set[str] = set()
@@ -363,7 +363,8 @@ class Inbox:
     def _finish(self, row_id: str) -> None:
         """Record ``row_id`` as handled and move the cursor over the handled prefix; persist."""
         self._inflight.discard(row_id)
-        self._finished.add(row_id)
+        if row_id in self._order:  # not a reply re-sent at start: that row was never fetched
+            self._finished.add(row_id)
         self._state.mark_handled(row_id)
         self._advance()
 
