@@ -149,6 +149,32 @@ async def test_inbound_gate_refuses_before_reading_the_body():
     assert reached == ["/", "/.well-known/agent-card.json"]
 
 
+async def test_inbound_gate_also_guards_websocket_scopes():
+    """Only lifespan passes unchecked: a websocket upgrade without the secret never reaches the app."""
+    secret = InboundSecret()
+    secret.set("s3cret")
+    reached: list[str] = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["type"])
+
+    async def receive():
+        raise AssertionError("the connection was read")
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    gate = InboundSecretGate(app, secret)
+    upgrade = {"type": "websocket", "path": "/", "headers": [(b"authorization", b"Bearer wrong")]}
+    await gate(upgrade, receive, send)
+    assert reached == [] and [m["type"] for m in sent] == ["websocket.close"]
+    await gate({**upgrade, "headers": [(b"authorization", b"Bearer s3cret")]}, receive, send)
+    await gate({"type": "lifespan"}, receive, send)
+    assert reached == ["websocket", "lifespan"]
+
+
 def test_public_url_must_be_https_except_loopback():
     assert check_public_url("https://agent.example.com/") is None
     assert check_public_url("http://127.0.0.1:8000/") is None

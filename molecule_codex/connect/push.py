@@ -61,17 +61,21 @@ class InboundSecretGate:
         self.secret = secret
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):  # lifespan: no caller behind it
             await self.app(scope, receive, send)
             return
-        if scope["method"] in ("GET", "HEAD") and scope["path"] in PUBLIC_GET_PATHS:
+        method = scope.get("method", "WEBSOCKET")
+        if method in ("GET", "HEAD") and scope["path"] in PUBLIC_GET_PATHS:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
         if self.secret.matches(headers.get(b"authorization", b"")):
             await self.app(scope, receive, send)
             return
-        logger.warning("push call refused: missing or wrong inbound secret (%s %s)", scope["method"], scope["path"])
+        logger.warning("push call refused: missing or wrong inbound secret (%s %s)", method, scope["path"])
+        if scope["type"] == "websocket":  # closing before accept refuses the upgrade (HTTP 403)
+            await send({"type": "websocket.close", "code": 1008})
+            return
         body = json.dumps({"error": "unauthorized: missing or invalid platform inbound secret"}).encode()
         await send({"type": "http.response.start", "status": 401, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
