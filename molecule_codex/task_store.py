@@ -107,6 +107,7 @@ class TaskStore(DatabaseTaskStore):
         super().__init__(engine, **kwargs)
         self._live: dict[tuple[str, str], Task] = {}  # (owner, task id) -> latest in-flight version
         self._absent: dict[tuple[str, str], float] = {}  # (owner, task id) -> monotonic expiry
+        self._saves = 0  # counts saves: a read that overlapped one may be stale, so it is not remembered
         self._sqlite = _SqliteThread(sqlite_path) if sqlite_path else None
         #: On a store shared by several agents: this agent's name, stamped on the tasks it runs, so
         #: ``fail_unfinished`` at boot settles only its own (None: the store is this agent's alone).
@@ -116,7 +117,6 @@ class TaskStore(DatabaseTaskStore):
         owner = self.owner_resolver(context)
         key = (owner, task.id)
         in_flight = task.status.state in UNFINISHED_STATES
-        self._absent.pop(key, None)
         if key not in self._live or not in_flight:
             try:
                 await self._write(self._stamped(task) if task.status.state in OPEN_STATES else task, owner, context)
@@ -131,6 +131,9 @@ class TaskStore(DatabaseTaskStore):
                     "the agent could not save this task (its task database is full or not writable); "
                     "see the agent's log"
                 ) from None
+        # After the write: a get whose read overlapped it must neither keep nor add "absent".
+        self._saves += 1
+        self._absent.pop(key, None)
         if in_flight:
             self._live[key] = _copy(task)  # the SDK keeps mutating the object it passed us
         else:
@@ -145,8 +148,9 @@ class TaskStore(DatabaseTaskStore):
         expiry = self._absent.get(key)
         if expiry is not None and expiry > time.monotonic():
             return None
+        saves_before = self._saves
         found = await self._read(task_id, owner, context)
-        if found is None:
+        if found is None and self._saves == saves_before:
             self._remember_absent(key)
         else:
             self._absent.pop(key, None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from a2a.auth.user import User
 from a2a.server.context import ServerCallContext
 from a2a.types import ListTasksRequest, Task, TaskState, TaskStatus
@@ -135,6 +137,49 @@ async def test_an_absent_task_is_read_once_then_remembered_until_saved_or_expire
     finally:
         await store.close()
         await other.close()
+
+
+async def test_a_read_that_overlaps_a_save_is_not_remembered_as_absent(tmp_path, monkeypatch):
+    """On a server database a read and a save run on different connections: a read that began
+    before the save committed finds nothing, and must not then hide the saved task for ABSENT_TTL_S."""
+    store = create_task_store(task_store_url(tmp_path, None))
+    alice = _context("alice")
+    real_read = TaskStore._read
+    read_done, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_read(self, task_id, owner, context):
+        found = await real_read(self, task_id, owner, context)
+        read_done.set()
+        await release.wait()  # the answer arrives after the save below
+        return found
+
+    monkeypatch.setattr(TaskStore, "_read", slow_read)
+    try:
+        reader = asyncio.create_task(store.get("t1", alice))
+        await asyncio.wait_for(read_done.wait(), 10)
+        await store.save(_task(TaskState.TASK_STATE_COMPLETED), alice)
+        release.set()
+        assert await asyncio.wait_for(reader, 10) is None  # true when it was read
+        assert (await store.get("t1", alice)).status.state == TaskState.TASK_STATE_COMPLETED
+
+        # And a read that answers while a save's write is still on its way: "absent" goes with the write.
+        monkeypatch.setattr(TaskStore, "_read", real_read)
+        real_write, write_started, commit = TaskStore._write, asyncio.Event(), asyncio.Event()
+
+        async def slow_write(self, task, owner, context):
+            write_started.set()
+            await commit.wait()
+            await real_write(self, task, owner, context)
+
+        monkeypatch.setattr(TaskStore, "_write", slow_write)
+        saver = asyncio.create_task(store.save(_task(TaskState.TASK_STATE_COMPLETED, "t2"), alice))
+        await asyncio.wait_for(write_started.wait(), 10)
+        assert await store.get("t2", alice) is None  # not written yet
+        commit.set()
+        await asyncio.wait_for(saver, 10)
+        assert (await store.get("t2", alice)).status.state == TaskState.TASK_STATE_COMPLETED
+    finally:
+        await store.close()
 
 
 async def test_absent_ids_are_bounded(tmp_path, monkeypatch):
