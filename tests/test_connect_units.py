@@ -271,6 +271,45 @@ async def test_a_410_re_read_of_a_finished_row_does_not_stall_the_cursor(fake, t
     assert sorted(sent.peer for sent in fake.peer_sends) == ["ws-a", "ws-b", "ws-d"]
 
 
+async def test_a_state_file_that_cannot_be_written_costs_no_reply(fake, tmp_path: Path, monkeypatch, caplog):
+    """Disk full or read-only: every row is still answered, in order, and the next write catches up."""
+    handler = _HeldHandler()
+    client = PlatformClient(fake.url, fake.workspace_id, Token(fake.token, "test"))
+    state = InboxState.load(tmp_path)
+    inbox = Inbox(client, handler, state, poll_interval=0.05)
+    real_save, broken = InboxState.save, {"on": True}
+
+    def save(self) -> None:
+        if broken["on"]:
+            raise OSError(28, "No space left on device")
+        real_save(self)
+
+    monkeypatch.setattr(InboxState, "save", save)
+    first = fake.message("first", source_id="ws-a")
+    second = fake.message("second", source_id="ws-a")  # same peer: behind "first" in one conversation
+    run = asyncio.create_task(inbox.run())
+    try:
+        await _until(lambda: "first" in handler.started)
+        handler.release["first"].set()
+        await _until(lambda: "second" in handler.started)  # the failed write did not stop the conversation
+        handler.release["second"].set()
+        await _until(lambda: len(fake.peer_sends) == 2)
+        assert "inbox state not written" in caplog.text
+        broken["on"] = False  # space again: the next write records everything handled so far
+        third = fake.message("third", source_id="ws-b")
+        await _until(lambda: "third" in handler.started)
+        handler.release["third"].set()
+        state_file = tmp_path / STATE_FILENAME
+        await _until(lambda: state_file.exists() and json.loads(state_file.read_text())["cursor"] == third)
+        assert {first, second} <= set(json.loads(state_file.read_text())["handled"])
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        await inbox.stop()
+        await client.aclose()
+    assert [sent.peer for sent in fake.peer_sends] == ["ws-a", "ws-a", "ws-b"]
+
+
 async def test_doctor_platform_section(fake, caplog):
     caplog.set_level(logging.DEBUG)
     env = {"PLATFORM_URL": fake.url, "WORKSPACE_ID": fake.workspace_id, "MOLECULE_WORKSPACE_TOKEN": fake.token}

@@ -281,7 +281,7 @@ class Inbox:
         text = await self._turn(row, context_id, user)
         pending = Pending(text, row.source_id)
         self._state.outbox[row.id] = pending
-        self._state.save()
+        self._persist(row.id)
         delivery = asyncio.create_task(self._deliver(row.id, pending), name=f"reply {row.id}")
         self._deliveries.add(delivery)
         delivery.add_done_callback(self._deliveries.discard)
@@ -376,7 +376,7 @@ class Inbox:
             seq = self._seqs.pop(row_id, None)
             if seq is not None:
                 self._prefix_seq = max(self._prefix_seq, seq)
-        self._state.save()
+        self._persist(self._state.cursor)
 
     async def _ack(self) -> None:
         """Retention ack for the handled prefix (newest platforms); a failure waits for the next poll."""
@@ -388,4 +388,16 @@ class Inbox:
             logger.debug("activity ack of seq %d failed: %s", self._prefix_seq, exc)
             return
         self._state.acked_seq = self._prefix_seq
-        self._state.save()
+        self._persist(self._state.cursor)
+
+    def _persist(self, row_id: str | None) -> None:
+        """Write the state file; a full or read-only disk costs the restart guarantee, never a reply.
+
+        In memory everything goes on (the next write retries); a restart before a write succeeds
+        re-runs or re-sends from the last state on disk, as after a kill -9, and never skips a row.
+        """
+        try:
+            self._state.save()
+        except OSError as exc:
+            logger.error("inbox state not written (row %s): %s; replies go on, a restart now may re-run "
+                         "or re-send rows handled since the last write", row_id, exc)
