@@ -342,6 +342,8 @@ class Conversation:
     last_used: float = field(default_factory=time.monotonic)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     tracker: FileChangeTracker = field(default_factory=FileChangeTracker)  # diffs for file-change questions
+    #: model/effort last sent on this loaded thread (codex keeps them for later turns); None after a load
+    overrides_sent: dict[str, str] | None = None
 
 
 class CodexExecutor(AgentExecutor):
@@ -793,10 +795,12 @@ class CodexExecutor(AgentExecutor):
         if request.message_id:
             params["clientUserMessageId"] = request.message_id
         try:
-            params.update(turn_overrides(self._command_host(conversation, request), await self._catalog.get(),
-                                         request.metadata))
+            overrides = turn_overrides(self._command_host(conversation, request), await self._catalog.get(),
+                                       request.metadata)
         except CommandError as exc:
             return TurnResult(TaskState.TASK_STATE_REJECTED, str(exc))
+        if overrides != conversation.overrides_sent:  # codex keeps them: re-sending costs ~1.5 ms a turn
+            params.update(overrides)
         timeout = self._request_timeout(TURN_START_TIMEOUT_S)
         try:
             started = await self.app.request("turn/start", params, timeout=timeout)
@@ -806,9 +810,10 @@ class CodexExecutor(AgentExecutor):
             # codex unloaded the thread behind our back: resume it and try once more.
             self._detach_thread(conversation)
             await self._load_thread(conversation, request.publisher)
-            params["threadId"] = conversation.thread_id
+            params.update(overrides, threadId=conversation.thread_id)
             started = await self.app.request("turn/start", params, timeout=timeout)
         conversation.fresh_thread = False
+        conversation.overrides_sent = overrides
         assert conversation.thread_id is not None
         turn.state = TurnState(thread_id=conversation.thread_id, turn_id=str(started["turn"]["id"]))
         logger.info("turn start context=%s thread=%s task=%s turn=%s",
@@ -1092,6 +1097,7 @@ class CodexExecutor(AgentExecutor):
             conversation.subscription.close()
             conversation.subscription = None
         conversation.loaded_generation = 0
+        conversation.overrides_sent = None
 
     async def _restart_app(self, reason: str, generation: int) -> None:
         logger.error("replacing codex app-server: %s", reason)

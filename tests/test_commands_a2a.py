@@ -128,6 +128,34 @@ async def test_model_and_effort_are_sticky_and_metadata_overrides_one_message(
     assert "model: gpt-5.5\nreasoning effort: high\n" in status
 
 
+async def test_model_and_effort_are_sent_when_they_change_and_stay_in_effect(
+    model: ScriptedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """codex keeps a turn's model and effort for later turns; sending them again costs every turn."""
+    async with serve_codex(tmp_path, model) as served:
+        starts: list[dict[str, Any]] = []
+        real_request = served.app.request
+
+        async def recording(method: str, params: Any = None, **kwargs: Any) -> Any:
+            if method == "turn/start":
+                starts.append(dict(params))
+            return await real_request(method, params, **kwargs)
+
+        monkeypatch.setattr(served.app, "request", recording)
+        chat = Chat(served)
+        await chat.answer("/model gpt-5.5")
+        for text in ("one", "two", "three"):
+            await chat.answer(text)
+            assert sent(model) == ("gpt-5.5", "medium")  # in effect on every turn
+        await chat.answer("four", {"reasoning_effort": "low"})
+        assert sent(model) == ("gpt-5.5", "low")
+        await chat.answer("five")
+        assert sent(model) == ("gpt-5.5", "medium")
+
+    chosen = [(start.get("model"), start.get("effort")) for start in starts]
+    assert chosen == [("gpt-5.5", "medium"), (None, None), (None, None), ("gpt-5.5", "low"), ("gpt-5.5", "medium")]
+
+
 def git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True)
 
