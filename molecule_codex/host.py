@@ -141,7 +141,12 @@ def _jsonrpc_routes(handler: DefaultRequestHandler) -> list[Route]:
 
 class ClientContextRecorder(SimpleRequestContextBuilder):
     """Records the contextId the client really sent before the SDK invents one and writes it into
-    the message; :func:`identity.identify` reads it to tell "no contextId" from a chosen one."""
+    the message; :func:`identity.identify` reads it to tell "no contextId" from a chosen one. A task
+    id the SDK invents is announced to the task store, which then skips looking it up."""
+
+    def __init__(self, task_store: TaskStore | None = None) -> None:
+        super().__init__()
+        self._task_store = task_store
 
     async def build(
         self,
@@ -152,7 +157,10 @@ class ClientContextRecorder(SimpleRequestContextBuilder):
         task: Task | None = None,
     ) -> RequestContext:
         context.state[CLIENT_CONTEXT_ID_STATE] = context_id or ""
-        return await super().build(context, params, task_id, context_id, task)
+        built = await super().build(context, params, task_id, context_id, task)
+        if not task_id and built.task_id and self._task_store is not None:
+            self._task_store.note_new_task(built.task_id, context)
+        return built
 
 
 async def _health(_request: Request) -> Response:
@@ -174,7 +182,7 @@ def build_app(
         agent_executor=executor,
         task_store=task_store,
         agent_card=card,
-        request_context_builder=ClientContextRecorder(),
+        request_context_builder=ClientContextRecorder(task_store),
     )
     routes = [
         *create_agent_card_routes(card),

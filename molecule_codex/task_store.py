@@ -10,8 +10,9 @@ the SDK's request path (measured: 6.7 ms per trivial turn with it, 2.0 ms with a
   :meth:`TaskStore.fail_unfinished` reports it FAILED after the restart) and whenever it leaves
   submitted/working; in between its latest version lives in memory, scoped by owner like the
   table, and is what ``get`` returns;
-* a task id just read as absent is remembered as absent for :data:`ABSENT_TTL_S` or until it is
-  saved, so the SDK's repeated look-ups of a brand-new task cost one read, not three;
+* a task id just read as absent, or just made by the SDK for a message that named no task
+  (:meth:`TaskStore.note_new_task`), is remembered as absent for :data:`ABSENT_TTL_S` or until it
+  is saved, so the SDK's repeated look-ups of a brand-new task cost no read;
 * on an SQLite file the single-task reads and writes run through a synchronous engine on one
   dedicated thread (the SDK's ORM mapping, written as one upsert statement: one hop and one
   statement per write); other databases keep the SDK's async path.
@@ -156,6 +157,11 @@ class TaskStore(DatabaseTaskStore):
         else:
             self._absent.pop(key, None)
         return found
+
+    def note_new_task(self, task_id: str, context: ServerCallContext) -> None:
+        """``task_id`` was just made by the SDK for a message that named no task: nothing can be
+        stored under a fresh uuid4, so the look-ups that follow need no read at all."""
+        self._remember_absent((self.owner_resolver(context), task_id))
 
     async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
         response = await super().list(params, context)

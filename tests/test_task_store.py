@@ -204,3 +204,26 @@ async def test_an_in_memory_database_keeps_the_async_path():
         assert (await store.get("t1", alice)).status.state == TaskState.TASK_STATE_COMPLETED
     finally:
         await store.close()
+
+
+async def test_a_task_id_the_sdk_just_made_is_never_read(tmp_path, monkeypatch):
+    store = create_task_store(task_store_url(tmp_path, None))
+    alice = _context("alice")
+    reads: list[str] = []
+    real_read = TaskStore._read
+
+    async def counting_read(self, task_id, owner, context):
+        reads.append(task_id)
+        return await real_read(self, task_id, owner, context)
+
+    monkeypatch.setattr(TaskStore, "_read", counting_read)
+    try:
+        store.note_new_task("fresh", alice)
+        assert await store.get("fresh", alice) is None
+        await store.save(_task(TaskState.TASK_STATE_SUBMITTED, "fresh"), alice)
+        assert (await store.get("fresh", alice)).status.state == TaskState.TASK_STATE_SUBMITTED
+        assert reads == []
+        assert await store.get("fresh", _context("bob")) is None  # another owner still reads
+        assert reads == ["fresh"]
+    finally:
+        await store.close()
