@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from a2a.auth.user import User
 from a2a.server.context import ServerCallContext
 from a2a.types import ListTasksRequest, Task, TaskState, TaskStatus
@@ -107,20 +108,26 @@ async def test_tasks_unfinished_at_a_crash_are_failed_on_the_next_start(tmp_path
         await restarted.close()
 
 
-async def test_an_absent_task_is_read_once_then_remembered_until_saved_or_expired(tmp_path, monkeypatch):
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The task ids the store really reads from its database, in order."""
+    seen: list[str] = []
+    real_read = TaskStore._read
+
+    async def counting_read(self, task_id, owner, context):
+        seen.append(task_id)
+        return await real_read(self, task_id, owner, context)
+
+    monkeypatch.setattr(TaskStore, "_read", counting_read)
+    return seen
+
+
+async def test_an_absent_task_is_read_once_then_remembered_until_saved_or_expired(tmp_path, monkeypatch, reads):
     from molecule_codex import task_store
 
     url = task_store_url(tmp_path, None)
     store, other = create_task_store(url), create_task_store(url)
     alice = _context("alice")
-    reads: list[str] = []
-    real_read = TaskStore._read
-
-    async def counting_read(self, task_id, owner, context):
-        reads.append(task_id)
-        return await real_read(self, task_id, owner, context)
-
-    monkeypatch.setattr(TaskStore, "_read", counting_read)
     try:
         assert store._sqlite is not None  # an SQLite file: single-task I/O on the store's own thread
         for _ in range(3):  # the SDK looks a new task up several times before it exists
@@ -206,17 +213,9 @@ async def test_an_in_memory_database_keeps_the_async_path():
         await store.close()
 
 
-async def test_a_task_id_the_sdk_just_made_is_never_read(tmp_path, monkeypatch):
+async def test_a_task_id_the_sdk_just_made_is_never_read(tmp_path, reads):
     store = create_task_store(task_store_url(tmp_path, None))
     alice = _context("alice")
-    reads: list[str] = []
-    real_read = TaskStore._read
-
-    async def counting_read(self, task_id, owner, context):
-        reads.append(task_id)
-        return await real_read(self, task_id, owner, context)
-
-    monkeypatch.setattr(TaskStore, "_read", counting_read)
     try:
         store.note_new_task("fresh", alice)
         assert await store.get("fresh", alice) is None
