@@ -583,7 +583,16 @@ class AppServer:
                 self._fail_all(AppServerExited("stopped reading its input (hung)", None, self.stderr_tail()))
             raise
         except (ConnectionError, RuntimeError) as exc:
-            raise AppServerExited(f"stdin closed ({exc.__class__.__name__})", proc.returncode) from exc
+            # The child closed its input or died: it is unusable now, whether or not its stdout has
+            # ended yet (kill -9 often shows here first). Fail everything waiting on it at once so
+            # the next call restarts it instead of writing into the same broken pipe.
+            gone = AppServerExited(f"stdin closed ({exc.__class__.__name__})", proc.returncode, self.stderr_tail())
+            if proc is self._proc and self._exit is None:
+                logger.error("codex app-server pid=%d closed its input (%s); replacing it", proc.pid,
+                             exc.__class__.__name__)
+                self._signal_child_group(proc, signal.SIGKILL)
+                self._fail_all(gone)
+            raise gone from exc
 
     # ------------------------------------------------------------------ subscriptions
 

@@ -9,6 +9,7 @@ per-method script from a JSON file next to it (see :data:`STUB_SOURCE`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import stat
@@ -22,7 +23,14 @@ from typing import Any
 import pytest
 
 from molecule_codex import app_server
-from molecule_codex.app_server import AppServer, AppServerError, AppServerExited, AppServerTimeout, Notification
+from molecule_codex.app_server import (
+    AppServer,
+    AppServerError,
+    AppServerExited,
+    AppServerTimeout,
+    Notification,
+    RestartBackoff,
+)
 from molecule_codex.codex_binary import CodexBinary, CodexBinaryError
 from molecule_codex.server_requests import (
     COMMAND_APPROVAL,
@@ -38,9 +46,10 @@ pytestmark = pytest.mark.timeout(20)
 #: (the last list repeats). A step is a line to write (``@ID@`` -> the request id, ``@LAST@`` ->
 #: the last line we answered a stub request with), or a command: ``!raw TEXT`` (no newline),
 #: ``!stderr N`` (N bytes of stderr lines), ``!stderr_blob N`` (N bytes, no newline),
-#: ``!read`` (read one line from stdin into @LAST@), ``!exit CODE``.
+#: ``!read`` (read one line from stdin into @LAST@), ``!exit CODE``, ``!close_stdin SECONDS`` (close
+#: its input, stay alive with stdout open).
 STUB_SOURCE = r"""
-import json, os, sys
+import json, os, sys, time
 from pathlib import Path
 
 scenario = json.loads(Path(__file__).with_suffix(".json").read_text())
@@ -81,6 +90,9 @@ for raw in sys.stdin.buffer:
             last = sys.stdin.buffer.readline().decode().strip()
         elif command == "!exit":
             os._exit(int(arg))
+        elif command == "!close_stdin":
+            os.close(0)
+            time.sleep(float(arg))
         else:
             write(out, step.replace("@ID@", json.dumps(request_id)).replace("@LAST@", last).encode() + b"\n")
 """
@@ -347,3 +359,21 @@ async def test_server_request_gets_exactly_one_answer(
     for key, value in expected.items():
         assert key in reply
         assert {k: reply[key][k] for k in value} == value
+
+
+async def test_a_child_that_closed_its_input_is_gone_at_once_and_the_next_call_restarts_it(tmp_path: Path) -> None:
+    """A write that hits a closed pipe means the child is unusable: nothing may wait for its exit
+    code (kill -9 is seen this way first when a message races the death) before restarting it."""
+    scenario = {"hangup": [["!close_stdin 30"]]}
+    async with stub_server(tmp_path, scenario, backoff=RestartBackoff(0.01, 0.01)) as app:
+        first_pid = app.pid
+        waiting = asyncio.create_task(app.request("hangup", timeout=20))
+        await asyncio.sleep(0.5)  # the stub has closed its input and sleeps with stdout open
+        with pytest.raises(AppServerExited):
+            await app.request("ping", timeout=5)
+        assert not app.running  # at once: the stub is still alive, its stdout still open
+        with pytest.raises(AppServerExited):
+            await asyncio.wait_for(waiting, 5)  # the request already in flight fails too
+        await app.ensure_running()
+        assert app.pid != first_pid
+        assert await app.request("ping", {"again": True}, timeout=5) == {"method": "ping", "params": {"again": True}}
