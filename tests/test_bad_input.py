@@ -373,7 +373,7 @@ async def test_nan_data_is_an_input_error_where_the_store_keeps_it(tmp_path):
         InputBuilder(tmp_path, 1000).build(message)
 
 
-def test_data_part_numbers_reach_codex_as_the_caller_wrote_them(tmp_path):
+async def test_data_part_numbers_reach_codex_as_the_caller_wrote_them(tmp_path):
     # protobuf's Value widens every number to a double; the agent must read 2, not 2.0.
     value = struct_pb2.Value()
     value.struct_value.update({"count": 2, "ratio": 1.5, "nested": [{"n": -3}]})
