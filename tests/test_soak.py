@@ -151,6 +151,7 @@ class SoakReport:
     cancels_effective: int = 0
     cancels_too_late: int = 0
     cancels_raced_start: int = 0
+    cancels_hit_by_kill: int = 0  # a kill of its server came while it was in flight: any outcome is fair
     cancel_streams_cut: int = 0
     steers_joined: int = 0
     history_notices: int = 0
@@ -554,6 +555,8 @@ def _judge(report: SoakReport, requests: collections.Counter[str], first_request
         if count > max(turn.expected_requests, 1):
             report.duplicated.append(f"{label}: reached the model {count} times")
         killed = _killed(report, turn)
+        if killed and turn.role in ("cancel", "cancel-queued") and state != TaskState.TASK_STATE_CANCELED:
+            report.cancels_hit_by_kill += 1
         if state == TaskState.TASK_STATE_FAILED:
             if killed and (KILLED in turn.message or "ended before producing a reply" in turn.message):
                 report.failed_by_kill += 1
@@ -625,7 +628,7 @@ def summary(report: SoakReport) -> str:
         f"operations: plain {ops['plain']}, tool {ops['tool']}, queued pairs {ops['queued']}, "
         f"cancels {ops['cancel']} running + {ops['cancel-queued']} queued "
         f"({report.cancels_effective} canceled, {report.cancels_raced_start} of the queued ones just after "
-        f"their turn started, {report.cancels_too_late} too late), "
+        f"their turn started, {report.cancels_too_late} too late, {report.cancels_hit_by_kill} hit by a kill), "
         f"steer pairs {ops['steer']} ({report.steers_joined} joined), child kills {len(report.kills)}",
         f"terminal states (stream): {states}",
         f"terminal states (GetTask): {stored}",
@@ -696,7 +699,9 @@ async def test_soak_short_profile(tmp_path, caplog):
     assert report.ops["cancel"] + report.ops["cancel-queued"] == 4, summary(report)
     assert report.ops["steer"] == 2 and report.steers_joined >= 1, summary(report)
     assert len(report.kills) == 1 and report.failed_by_kill >= 1, summary(report)
-    assert report.cancels_effective >= 1, summary(report)
+    # Every cancel landed while the one kill hit its server (the random plan allows it): no proof either way.
+    cancels = report.ops["cancel"] + report.ops["cancel-queued"]
+    assert report.cancels_effective >= 1 or report.cancels_hit_by_kill == cancels, summary(report)
     assert report.duration < 60, summary(report)
 
 
