@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+
+from molecule_codex.demo.scripted_model import ScriptedModel
 
 _real_codex: dict[str, int] = {"passed": 0, "failed": 0, "skipped": 0}
 _deselected_soak: list[str] = []
+
+
+@pytest.fixture
+def model() -> Iterator[ScriptedModel]:
+    """A scripted Responses-API model on loopback (its default responder), stopped after the test."""
+    with ScriptedModel() as running:
+        yield running
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

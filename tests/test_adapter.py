@@ -264,11 +264,6 @@ async def test_create_executor_before_setup_fails_clearly(tmp_path):
         await adapter.create_executor(adapter.standalone_config(write_config(tmp_path)))
 
 
-@pytest.fixture
-def model():
-    with ScriptedModel() as scripted:
-        yield scripted
-
 
 @pytest.mark.real_codex
 async def test_setup_executor_and_shell_env_has_no_secrets(tmp_path, model):

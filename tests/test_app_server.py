@@ -14,7 +14,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import codex_rig as rig
@@ -30,11 +30,6 @@ pytestmark = pytest.mark.timeout(20)
 #: Bound for a scripted-model hold to be reached (codex opens the stream in well under a second).
 HOLD_REACHED_TIMEOUT_S = 10.0
 
-
-@pytest.fixture
-def model() -> Iterator[ScriptedModel]:
-    with ScriptedModel() as running:
-        yield running
 
 
 @pytest.fixture

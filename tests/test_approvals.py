@@ -12,7 +12,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +84,6 @@ async def run_turn(app: AppServer, person: Person, thread_id: str, text: str, **
     finally:
         sub.close()
 
-
-@pytest.fixture
-def model() -> Iterator[ScriptedModel]:
-    with ScriptedModel() as running:
-        yield running
 
 
 @pytest.fixture

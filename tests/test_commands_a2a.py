@@ -23,11 +23,6 @@ pytestmark = [pytest.mark.real_codex, pytest.mark.timeout(90)]
 COMPLETED = TaskState.TASK_STATE_COMPLETED
 
 
-@pytest.fixture
-def model() -> ScriptedModel:
-    with ScriptedModel() as running:
-        yield running
-
 
 class Chat:
     """One conversation (one contextId) over a blocking A2A client."""

@@ -10,15 +10,10 @@ import pytest
 from a2a.types import CancelTaskRequest, SendMessageRequest, TaskState
 from a2a_rig import send, serve_codex, streamed_text, terminal_state, user_message
 
-from molecule_codex.demo.scripted_model import Hold, ScriptedModel, Text, ToolCall
+from molecule_codex.demo.scripted_model import Hold, Text, ToolCall
 
 pytestmark = pytest.mark.real_codex
 
-
-@pytest.fixture
-def model():
-    with ScriptedModel() as scripted:
-        yield scripted
 
 
 async def test_streaming_text_then_completed_task_with_full_answer(tmp_path, model):

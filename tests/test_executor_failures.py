@@ -25,15 +25,10 @@ from a2a_rig import (
 )
 from google.protobuf import struct_pb2
 
-from molecule_codex.demo.scripted_model import Hold, HttpError, ScriptedModel, Stall, StreamCut, Text, ToolCall
+from molecule_codex.demo.scripted_model import Hold, HttpError, Stall, StreamCut, Text, ToolCall
 
 pytestmark = pytest.mark.real_codex
 
-
-@pytest.fixture
-def model():
-    with ScriptedModel() as scripted:
-        yield scripted
 
 
 def assert_readable(text: str) -> None:

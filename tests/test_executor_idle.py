@@ -10,15 +10,10 @@ import pytest
 from a2a.types import TaskState
 from a2a_rig import Call, send, serve_codex, terminal_state, user_message
 
-from molecule_codex.demo.scripted_model import Hold, ScriptedModel, Text
+from molecule_codex.demo.scripted_model import Hold, Text
 
 pytestmark = pytest.mark.real_codex
 
-
-@pytest.fixture
-def model():
-    with ScriptedModel() as scripted:
-        yield scripted
 
 
 async def test_idle_thread_is_unloaded_then_resumed_with_history(tmp_path, model):

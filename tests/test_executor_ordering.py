@@ -21,7 +21,7 @@ from a2a_rig import (
     user_message,
 )
 
-from molecule_codex.demo.scripted_model import Hold, RecordedRequest, ScriptedModel, Text
+from molecule_codex.demo.scripted_model import Hold, RecordedRequest, Text
 
 pytestmark = pytest.mark.real_codex
 
@@ -46,11 +46,6 @@ def peak_overlap(records: list[RecordedRequest]) -> int:
         peak = max(peak, current)
     return peak
 
-
-@pytest.fixture
-def model():
-    with ScriptedModel() as scripted:
-        yield scripted
 
 
 async def test_32_conversations_stream_at_once_without_mixing(tmp_path, model):

@@ -9,17 +9,12 @@ import pytest
 from a2a.types import GetTaskRequest, TaskState
 from a2a_rig import send, serve_codex, user_message
 
-from molecule_codex.demo.scripted_model import HttpError, ScriptedModel, Text
+from molecule_codex.demo.scripted_model import HttpError, Text
 
 pytestmark = pytest.mark.real_codex
 
 ANSWER = "The whole answer, streamed in several pieces."
 
-
-@pytest.fixture
-def model():
-    with ScriptedModel() as scripted:
-        yield scripted
 
 
 def v03_send(text: str, message_id: str, *, method: str = "message/send", context_id: str | None = None) -> dict:

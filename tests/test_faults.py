@@ -66,11 +66,6 @@ TERMINAL = {TaskState.TASK_STATE_COMPLETED, TaskState.TASK_STATE_FAILED, TaskSta
 FAST_BACKOFF = (0.05, 0.2)
 
 
-@pytest.fixture
-def model():
-    with ScriptedModel() as scripted:
-        yield scripted
-
 
 @pytest.fixture
 def wedge():

@@ -28,11 +28,6 @@ COMPLETED = TaskState.TASK_STATE_COMPLETED
 CATALOG_MODEL = "gpt-5.5"  # codex offers apply_patch only to catalog models
 
 
-@pytest.fixture
-def model() -> ScriptedModel:
-    with ScriptedModel() as running:
-        yield running
-
 
 def is_asking(item: StreamResponse) -> bool:
     return item.WhichOneof("payload") == "status_update" and item.status_update.status.state == INPUT_REQUIRED

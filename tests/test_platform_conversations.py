@@ -16,17 +16,10 @@ import pytest
 from a2a_rig import serve_codex
 from test_identity import canvas_body, canvas_turn, channel_body, delegation_body
 
-from molecule_codex.demo.scripted_model import ScriptedModel
-
 pytestmark = pytest.mark.real_codex
 
 WS = "6f1c2a3b-0d4e-4f5a-9b8c-7d6e5f4a3b2c"
 
-
-@pytest.fixture
-def model():
-    with ScriptedModel() as scripted:
-        yield scripted
 
 
 async def post(http: Any, body: dict[str, Any]) -> dict[str, Any]:

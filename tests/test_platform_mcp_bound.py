@@ -16,7 +16,6 @@ from test_approvals import mcp_toml
 from test_identity import canvas_body, canvas_turn
 
 from molecule_codex.app_server import descendants
-from molecule_codex.demo.scripted_model import ScriptedModel
 
 pytestmark = pytest.mark.real_codex
 
@@ -44,11 +43,6 @@ def rss_kib(pid: int) -> int:
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for {pid}")
 
-
-@pytest.fixture
-def model():
-    with ScriptedModel() as scripted:
-        yield scripted
 
 
 async def test_hundred_canvas_messages_keep_one_mcp_server(tmp_path, model):

@@ -19,7 +19,7 @@ from a2a.types import AgentCard, GetTaskRequest, TaskState
 from a2a_rig import CLIENT_TIMEOUT_S, send, serve_codex, user_message
 from google.protobuf.json_format import ParseDict
 
-from molecule_codex.demo.scripted_model import ScriptedModel, Text
+from molecule_codex.demo.scripted_model import Text
 from molecule_codex.reply_usage import reply_usage, whole_numbers, with_usage
 from molecule_codex.standalone import card_host
 
@@ -29,11 +29,6 @@ V1 = {"A2A-Version": "1.0"}
 INT_COUNT = r'"{name}":\s*-?\d+(?=[,}}\s])'
 FLOAT_COUNT = r'"{name}":\s*-?\d+\.\d'
 
-
-@pytest.fixture
-def model():
-    with ScriptedModel() as scripted:
-        yield scripted
 
 
 def v03_send(text: str, message_id: str, method: str = "message/send") -> dict[str, Any]:

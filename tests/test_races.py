@@ -29,7 +29,7 @@ from google.protobuf import struct_pb2
 from molecule_codex.app_server import AppServerError, descendants
 from molecule_codex.codex_binary import CodexBinary
 from molecule_codex.conversations import DB_FILENAME, ConversationStoreError
-from molecule_codex.demo.scripted_model import Hold, HttpError, ScriptedModel, Text, ToolCall
+from molecule_codex.demo.scripted_model import Hold, HttpError, Text, ToolCall
 from molecule_codex.executor import HISTORY_HEADER, SHUTTING_DOWN
 
 pytestmark = pytest.mark.real_codex
@@ -41,11 +41,6 @@ WAITING = "Waiting for the previous message"
 JOINED = "Added to the running turn"
 MCP_STUB = Path(__file__).with_name("mcp_stub_server.py")
 
-
-@pytest.fixture
-def model():
-    with ScriptedModel() as scripted:
-        yield scripted
 
 
 def assert_readable(text: str, *forbidden: str) -> None:

@@ -129,11 +129,6 @@ class Launcher:
                 proc.wait(5)
 
 
-@pytest.fixture
-def model() -> Iterator[ScriptedModel]:
-    with ScriptedModel() as scripted:
-        yield scripted
-
 
 @pytest.fixture
 def launcher(tmp_path: Path, model: ScriptedModel) -> Iterator[Launcher]:
