@@ -122,30 +122,41 @@ def test_state_file_is_0600_atomic_bounded_and_a_corrupt_one_is_moved_aside(tmp_
     assert fresh.cursor is None and (tmp_path / (STATE_FILENAME + ".corrupt")).exists()
 
 
+class _GateRig:
+    """An InboundSecretGate in front of an app that records what reached it; reading the request
+    (its body, or a websocket's messages) fails the test."""
+
+    def __init__(self, secret: InboundSecret, key: str) -> None:
+        self.reached: list[str] = []
+        self.sent: list[dict] = []
+
+        async def app(scope, receive, send):
+            self.reached.append(scope[key])
+
+        self.gate = InboundSecretGate(app, secret)
+
+    async def __call__(self, scope: dict) -> None:
+        async def receive():
+            raise AssertionError("the request was read")
+
+        async def send(message):
+            self.sent.append(message)
+
+        await self.gate(scope, receive, send)
+
+
 async def test_inbound_gate_refuses_before_reading_the_body():
     secret = InboundSecret()
-    reached: list[str] = []
-
-    async def app(scope, receive, send):
-        reached.append(scope["path"])
-
-    async def receive():
-        raise AssertionError("the body was read")
-
-    sent: list[dict] = []
-
-    async def send(message):
-        sent.append(message)
-
-    gate = InboundSecretGate(app, secret)
+    rig = _GateRig(secret, "path")
+    reached, sent = rig.reached, rig.sent
     post = {"type": "http", "method": "POST", "path": "/", "headers": []}
-    await gate(post, receive, send)  # secret unknown: nothing passes
+    await rig(post)  # secret unknown: nothing passes
     secret.set("s3cret")
     for header in (b"Bearer wrong", b"bearer s3cre", b"Basic s3cret", b""):
-        await gate({**post, "headers": [(b"authorization", header)]}, receive, send)
+        await rig({**post, "headers": [(b"authorization", header)]})
     assert reached == [] and [m["status"] for m in sent if m["type"] == "http.response.start"] == [401] * 5
-    await gate({**post, "headers": [(b"authorization", b"Bearer s3cret")]}, receive, send)
-    await gate({"type": "http", "method": "GET", "path": "/.well-known/agent-card.json", "headers": []}, receive, send)
+    await rig({**post, "headers": [(b"authorization", b"Bearer s3cret")]})
+    await rig({"type": "http", "method": "GET", "path": "/.well-known/agent-card.json", "headers": []})
     assert reached == ["/", "/.well-known/agent-card.json"]
 
 
@@ -153,26 +164,13 @@ async def test_inbound_gate_also_guards_websocket_scopes():
     """Only lifespan passes unchecked: a websocket upgrade without the secret never reaches the app."""
     secret = InboundSecret()
     secret.set("s3cret")
-    reached: list[str] = []
-
-    async def app(scope, receive, send):
-        reached.append(scope["type"])
-
-    async def receive():
-        raise AssertionError("the connection was read")
-
-    sent: list[dict] = []
-
-    async def send(message):
-        sent.append(message)
-
-    gate = InboundSecretGate(app, secret)
+    rig = _GateRig(secret, "type")
     upgrade = {"type": "websocket", "path": "/", "headers": [(b"authorization", b"Bearer wrong")]}
-    await gate(upgrade, receive, send)
-    assert reached == [] and [m["type"] for m in sent] == ["websocket.close"]
-    await gate({**upgrade, "headers": [(b"authorization", b"Bearer s3cret")]}, receive, send)
-    await gate({"type": "lifespan"}, receive, send)
-    assert reached == ["websocket", "lifespan"]
+    await rig(upgrade)
+    assert rig.reached == [] and [m["type"] for m in rig.sent] == ["websocket.close"]
+    await rig({**upgrade, "headers": [(b"authorization", b"Bearer s3cret")]})
+    await rig({"type": "lifespan"})
+    assert rig.reached == ["websocket", "lifespan"]
 
 
 def test_public_url_must_be_https_except_loopback():
